@@ -1,0 +1,60 @@
+"""nerfstudio method registrations (entry points ``nerfstudio.method_configs``).
+
+Kept light on purpose: importing this module imports nerfstudio's config classes and torch, never SAM,
+transformers or anything that touches CUDA.
+"""
+
+from __future__ import annotations
+
+from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+from nerfstudio.plugins.types import MethodSpecification
+
+from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
+from pepeseg3d_ns.recon.model import PepeSplatfactoModelConfig
+
+
+def gaussian_optimizers(max_steps: int) -> dict:
+    """Splatfacto's per-parameter Adam settings; the means' learning rate decays over ``max_steps``."""
+    return {
+        "means": {
+            "optimizer": AdamOptimizerConfig(lr=1.6e-4, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_steps),
+        },
+        "features_dc": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
+        "features_rest": {"optimizer": AdamOptimizerConfig(lr=0.0025 / 20, eps=1e-15), "scheduler": None},
+        "opacities": {"optimizer": AdamOptimizerConfig(lr=0.05, eps=1e-15), "scheduler": None},
+        "scales": {"optimizer": AdamOptimizerConfig(lr=0.005, eps=1e-15), "scheduler": None},
+        "quats": {"optimizer": AdamOptimizerConfig(lr=0.001, eps=1e-15), "scheduler": None},
+        "camera_opt": {
+            "optimizer": AdamOptimizerConfig(lr=1e-4, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(
+                lr_final=5e-7, max_steps=max_steps, warmup_steps=1000, lr_pre_warmup=0
+            ),
+        },
+    }
+
+
+pepe_recon = MethodSpecification(
+    config=TrainerConfig(
+        method_name="pepe-recon",
+        steps_per_eval_image=100,
+        steps_per_eval_batch=0,
+        steps_per_save=2000,
+        steps_per_eval_all_images=1000,
+        max_num_iterations=30000,
+        mixed_precision=False,
+        pipeline=VanillaPipelineConfig(
+            datamanager=PepeDatamanagerConfig(dataparser=NerfstudioDataParserConfig(load_3D_points=True)),
+            model=PepeSplatfactoModelConfig(),
+        ),
+        optimizers=gaussian_optimizers(30000),
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        vis="viewer",
+    ),
+    description="PePESeg3D stage 1: 3D Gaussian Splatting reconstruction (splatfacto on CPU or CUDA).",
+)

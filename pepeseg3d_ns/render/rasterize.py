@@ -1,0 +1,265 @@
+"""One rasterization entry point for CPU and CUDA.
+
+:func:`rasterize` has the signature and return values of ``gsplat.rasterization`` (gsplat 1.4.0). On CUDA tensors it
+calls gsplat. On CPU tensors it projects with gsplat's pure-torch projection (``gsplat.cuda._torch_impl``), builds the
+tile/Gaussian intersection lists with a vectorised torch routine (:func:`isect_tiles`) and composites with our own
+C++ kernel (:mod:`pepeseg3d_ns.render.cpu_backend`, analytic backward). Nothing on the CPU path imports gsplat's CUDA
+backend, so a machine with ``nvcc`` but no GPU never starts gsplat's JIT CUDA build.
+
+Camera conventions: ``viewmats`` are OpenCV world-to-camera ``[C, 4, 4]`` and ``Ks`` pinhole intrinsics ``[C, 3, 3]``
+in pixels; see :mod:`pepeseg3d_ns.render.cameras` for the conversion from nerfstudio's OpenGL camera-to-world.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RenderMode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
+_RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
+
+
+def rasterize(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    eps2d: float = 0.3,
+    sh_degree: Optional[int] = None,
+    packed: bool = False,
+    tile_size: int = 16,
+    backgrounds: Optional[Tensor] = None,
+    render_mode: RenderMode = "RGB",
+    absgrad: bool = False,
+    rasterize_mode: Literal["classic", "antialiased"] = "classic",
+) -> Tuple[Tensor, Tensor, Dict]:
+    """Render ``N`` 3D Gaussians into ``C`` images.
+
+    Args:
+        means: ``[N, 3]`` centres in world space.
+        quats: ``[N, 4]`` rotations as (w, x, y, z) quaternions, normalised internally.
+        scales: ``[N, 3]`` standard deviations along the rotated axes (already exponentiated).
+        opacities: ``[N]`` opacities in [0, 1] (already through the sigmoid).
+        colors: ``[N, D]`` or ``[C, N, D]`` post-activation values of any channel count (e.g. RGB, 32-d features)
+            when ``sh_degree`` is None; ``[N, K, 3]`` or ``[C, N, K, 3]`` SH coefficients otherwise.
+        viewmats: ``[C, 4, 4]`` OpenCV world-to-camera matrices.
+        Ks: ``[C, 3, 3]`` pinhole intrinsics in pixels.
+        width, height: image size in pixels.
+        sh_degree: SH degree to evaluate (``(sh_degree + 1) ** 2 <= K``), or None for plain colours.
+        packed: forwarded to gsplat on CUDA; the CPU path is always non-packed (``info`` arrays are ``[C, N]``).
+        tile_size: tile edge in pixels.
+        backgrounds: ``[C, D]`` colour composited behind the Gaussians, or None (black).
+        render_mode: ``"RGB"`` (colours), ``"D"`` (accumulated z-depth), ``"ED"`` (expected z-depth =
+            accumulated depth / alpha), ``"RGB+D"``, ``"RGB+ED"`` (depth appended as the last channel).
+        absgrad: also accumulate ``|dL/dmeans2d|`` per pixel into ``info["means2d"].absgrad`` (splatfacto's
+            densification criterion).
+        rasterize_mode: ``"classic"`` or ``"antialiased"`` (opacity compensation for the 2D blur ``eps2d``).
+
+    Returns:
+        ``render [C, H, W, D']``, ``alphas [C, H, W, 1]`` and the ``info`` dict that gsplat's ``DefaultStrategy``
+        reads: ``means2d [C, N, 2]`` (keeps its gradient), ``radii [C, N]``, ``depths [C, N]``, ``conics``,
+        ``opacities``, ``width``, ``height``, ``n_cameras``, ``tile_size``, ``tile_width``, ``tile_height``,
+        ``isect_ids``, ``flatten_ids``, ``isect_offsets``, ``camera_ids``/``gaussian_ids`` (None when non-packed).
+    """
+    if render_mode not in _RENDER_MODES:
+        raise ValueError(f"render_mode must be one of {_RENDER_MODES}, got {render_mode!r}")
+    if means.shape[0] == 0:
+        raise ValueError(
+            "rasterize() got zero Gaussians: the model has no Gaussians left (all were pruned, or the initial "
+            "point cloud is empty). Check the scene's point cloud or lower the culling thresholds."
+        )
+    if means.is_cuda:
+        from gsplat.rendering import rasterization  # CUDA path: gsplat's fused kernels
+
+        return rasterization(
+            means=means, quats=quats, scales=scales, opacities=opacities, colors=colors, viewmats=viewmats,
+            Ks=Ks, width=width, height=height, near_plane=near_plane, far_plane=far_plane,
+            radius_clip=radius_clip, eps2d=eps2d, sh_degree=sh_degree, packed=packed, tile_size=tile_size,
+            backgrounds=backgrounds, render_mode=render_mode, absgrad=absgrad, rasterize_mode=rasterize_mode,
+        )
+    return _rasterize_cpu(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+        radius_clip, eps2d, sh_degree, tile_size, backgrounds, render_mode, absgrad, rasterize_mode,
+    )
+
+
+def project_gaussians(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    eps2d: float = 0.3,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    compensations: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Project 3D Gaussians with gsplat's torch projection (EWA, pinhole, OpenCV ``viewmats``).
+
+    Returns ``radii [C, N] int32`` (0 = culled), ``means2d [C, N, 2]`` pixels, ``depths [C, N]`` camera z,
+    ``conics [C, N, 3]`` (upper triangle of the inverse 2D covariance incl. ``eps2d``) and the antialiasing
+    ``compensations [C, N]`` or None.
+    """
+    from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
+
+    covars, _ = _quat_scale_to_covar_preci(F.normalize(quats, dim=-1), scales, compute_preci=False)
+    radii, means2d, depths, conics, comp = _fully_fused_projection(
+        means, covars, viewmats, Ks, width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane,
+        calc_compensations=compensations,
+    )
+    if radius_clip > 0:
+        radii = torch.where(radii.float() <= radius_clip, torch.zeros_like(radii), radii)
+    return radii.int(), means2d, depths, conics, comp
+
+
+@torch.no_grad()
+def isect_tiles(
+    means2d: Tensor, radii: Tensor, depths: Tensor, tile_size: int, tile_width: int, tile_height: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tile/Gaussian intersection lists, sorted by (camera, tile, depth), like gsplat's ``isect_tiles``.
+
+    Args:
+        means2d: ``[C, N, 2]`` projected centres in pixels.
+        radii: ``[C, N]`` integer pixel radii; 0 means culled.
+        depths: ``[C, N]`` camera-space z (positive for every Gaussian with radius > 0).
+        tile_size, tile_width, tile_height: tile edge in pixels and the tile grid size.
+
+    Returns:
+        ``tiles_per_gauss [C, N] int32``, ``isect_ids [M] int64`` (``(camera * n_tiles + tile) << 32 | depth bits``),
+        ``flatten_ids [M] int32`` (``camera * N + gaussian``) and ``isect_offsets [C, tile_height, tile_width] int32``.
+    """
+    C, N = means2d.shape[:2]
+    device = means2d.device
+    n_tiles = tile_width * tile_height
+    tile_xy = means2d.detach() / tile_size
+    tile_r = (radii.float() / tile_size)[..., None]
+    lo = torch.floor(tile_xy - tile_r).long()
+    hi = torch.ceil(tile_xy + tile_r).long()
+    limits = torch.tensor([tile_width, tile_height], device=device)
+    lo = torch.minimum(lo.clamp(min=0), limits)
+    hi = torch.minimum(hi.clamp(min=0), limits)
+    extent = hi - lo  # [C, N, 2]
+    counts = (extent[..., 0] * extent[..., 1]) * (radii > 0)
+    counts_flat = counts.reshape(-1)
+    n_isects = int(counts_flat.sum())
+    if n_isects == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return (
+            counts.int(), empty, empty.int(),
+            torch.zeros(C, tile_height, tile_width, dtype=torch.int32, device=device),
+        )
+    owner = torch.repeat_interleave(torch.arange(C * N, device=device), counts_flat)  # [M] flat c*N+n
+    starts = torch.cumsum(counts_flat, 0) - counts_flat
+    local = torch.arange(n_isects, device=device) - starts[owner]
+    ext_x = extent.reshape(-1, 2)[owner, 0]
+    lo_flat = lo.reshape(-1, 2)[owner]
+    tx = lo_flat[:, 0] + local % ext_x
+    ty = lo_flat[:, 1] + local // ext_x
+    cam = owner // N
+    tile_key = cam * n_tiles + ty * tile_width + tx
+    # Positive float32 depths order like their int32 bit patterns.
+    depth_bits = depths.detach().float().clamp(min=0).contiguous().view(torch.int32).reshape(-1)[owner].long()
+    isect_ids = (tile_key << 32) | depth_bits
+    isect_ids, order = torch.sort(isect_ids)
+    flatten_ids = owner[order].int()
+    tile_counts = torch.bincount(tile_key, minlength=C * n_tiles)
+    offsets = (torch.cumsum(tile_counts, 0) - tile_counts).reshape(C, tile_height, tile_width).int()
+    return counts.int(), isect_ids, flatten_ids, offsets
+
+
+def eval_sh_colors(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int) -> Tensor:
+    """View-dependent colours ``[C, N, 3]`` from SH ``coeffs [N, K, 3]`` or ``[C, N, K, 3]`` (gsplat's +0.5 offset
+    and clamp at 0 included); the view direction is from each camera centre to each Gaussian."""
+    from gsplat.cuda._torch_impl import _spherical_harmonics
+
+    C = viewmats.shape[0]
+    campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+    dirs = means[None, :, :] - campos[:, None, :]  # [C, N, 3]
+    shs = coeffs.expand(C, *coeffs.shape) if coeffs.dim() == 3 else coeffs
+    colors = _spherical_harmonics(sh_degree, dirs, shs)
+    return torch.clamp_min(colors + 0.5, 0.0)
+
+
+def _rasterize_cpu(
+    means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane, radius_clip,
+    eps2d, sh_degree, tile_size, backgrounds, render_mode, absgrad, rasterize_mode,
+):
+    from .cpu_backend import rasterize_to_pixels_cpu
+
+    N = means.shape[0]
+    C = viewmats.shape[0]
+    if sh_degree is None:
+        if not ((colors.dim() == 2 and colors.shape[0] == N) or (colors.dim() == 3 and colors.shape[:2] == (C, N))):
+            raise ValueError(f"colors must be [N, D] or [C, N, D] with N={N}, C={C}; got {tuple(colors.shape)}")
+    elif colors.shape[-1] != 3 or colors.shape[-2] < (sh_degree + 1) ** 2:
+        raise ValueError(f"SH colors must be [(C,) N, K>={(sh_degree + 1) ** 2}, 3], got {tuple(colors.shape)}")
+
+    radii, means2d, depths, conics, comp = project_gaussians(
+        means, quats, scales, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
+        compensations=rasterize_mode == "antialiased",
+    )
+    opacities_c = opacities[None, :].expand(C, N)
+    if comp is not None:
+        opacities_c = opacities_c * comp
+
+    if sh_degree is None:
+        colors_c = colors.expand(C, N, colors.shape[-1]) if colors.dim() == 2 else colors
+    else:
+        colors_c = eval_sh_colors(means, colors, viewmats, sh_degree)
+
+    if render_mode in ("RGB+D", "RGB+ED"):
+        colors_c = torch.cat([colors_c, depths[..., None]], dim=-1)
+        if backgrounds is not None:
+            backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, 1)], dim=-1)
+    elif render_mode in ("D", "ED"):
+        colors_c = depths[..., None]
+        if backgrounds is not None:
+            backgrounds = backgrounds.new_zeros(C, 1)
+
+    tile_width = math.ceil(width / tile_size)
+    tile_height = math.ceil(height / tile_size)
+    tiles_per_gauss, isect_ids, flatten_ids, isect_offsets = isect_tiles(
+        means2d, radii, depths, tile_size, tile_width, tile_height
+    )
+    render, alphas = rasterize_to_pixels_cpu(
+        means2d, conics, colors_c.contiguous(), opacities_c.contiguous(), width, height, tile_size,
+        isect_offsets, flatten_ids, backgrounds=backgrounds, absgrad=absgrad,
+    )
+    if render_mode in ("ED", "RGB+ED"):
+        render = torch.cat([render[..., :-1], render[..., -1:] / alphas.clamp(min=1e-10)], dim=-1)
+
+    info = {
+        "camera_ids": None,
+        "gaussian_ids": None,
+        "radii": radii,
+        "means2d": means2d,
+        "depths": depths,
+        "conics": conics,
+        "opacities": opacities_c,
+        "tile_width": tile_width,
+        "tile_height": tile_height,
+        "tiles_per_gauss": tiles_per_gauss,
+        "isect_ids": isect_ids,
+        "flatten_ids": flatten_ids,
+        "isect_offsets": isect_offsets,
+        "width": width,
+        "height": height,
+        "tile_size": tile_size,
+        "n_cameras": C,
+    }
+    return render, alphas, info
