@@ -192,7 +192,7 @@ def isect_tiles(
         tile_size, tile_width, tile_height: tile edge in pixels and the tile grid size.
 
     Returns:
-        ``tiles_per_gauss [C, N] int32``, ``isect_ids [M] int64`` (``(camera * n_tiles + tile) << 32 | depth bits``),
+        ``tiles_per_gauss [C, N] int32``, ``isect_ids [M] int64`` (gsplat's packing ``(camera << tile_bits | tile) << 32 | depth bits``),
         ``flatten_ids [M] int32`` (``camera * N + gaussian``) and ``isect_offsets [C, tile_height, tile_width] int32``.
     """
     C, N = means2d.shape[:2]
@@ -223,10 +223,12 @@ def isect_tiles(
     tx = lo_flat[:, 0] + local % ext_x
     ty = lo_flat[:, 1] + local // ext_x
     cam = owner // N
-    tile_key = cam * n_tiles + ty * tile_width + tx
+    tile_id = ty * tile_width + tx
+    tile_key = cam * n_tiles + tile_id  # dense (camera, tile) index
+    tile_n_bits = n_tiles.bit_length()  # gsplat's packing: camera | tile | depth
     # Positive float32 depths order like their int32 bit patterns.
     depth_bits = depths.detach().float().clamp(min=0).contiguous().view(torch.int32).reshape(-1)[owner].long()
-    isect_ids = (tile_key << 32) | depth_bits
+    isect_ids = (((cam << tile_n_bits) | tile_id) << 32) | depth_bits
     isect_ids, order = torch.sort(isect_ids)
     flatten_ids = owner[order].int()
     tile_counts = torch.bincount(tile_key, minlength=C * n_tiles)
