@@ -7,15 +7,15 @@ transformers or anything that touches CUDA.
 from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
 from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
+from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
 from pepeseg3d_ns.recon.model import PepeSplatfactoModelConfig
+from pepeseg3d_ns.schedulers import FloatExponentialDecaySchedulerConfig as ExponentialDecaySchedulerConfig
 
 
 def gaussian_optimizers(max_steps: int) -> dict:
@@ -49,7 +49,7 @@ pepe_recon = MethodSpecification(
         max_num_iterations=30000,
         mixed_precision=False,
         pipeline=VanillaPipelineConfig(
-            datamanager=PepeDatamanagerConfig(dataparser=NerfstudioDataParserConfig(load_3D_points=True)),
+            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig()),
             model=PepeSplatfactoModelConfig(),
         ),
         optimizers=gaussian_optimizers(30000),

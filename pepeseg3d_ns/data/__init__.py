@@ -1,0 +1,1 @@
+"""Data utilities: synthetic benchmark scenes and ground-truth loaders."""

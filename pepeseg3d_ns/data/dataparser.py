@@ -1,0 +1,87 @@
+"""Dataparser for nerfstudio-format scenes that reads the initial point cloud without open3d.
+
+nerfstudio 1.1.5 reads ``ply_file_path`` with open3d, whose wheel needs system libraries (``libusb-1.0``)
+that a minimal Linux install lacks: ``import open3d`` then fails and training stops before it starts.
+:class:`PepeDataParserConfig` is nerfstudio's ``nerfstudio-data`` parser with ``load_3D_points=True`` and a
+``plyfile``-based reader, so pip alone is enough.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Type
+
+import numpy as np
+import torch
+from PIL import UnidentifiedImageError
+
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio, NerfstudioDataParserConfig
+
+
+def read_ply_points(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Vertices ``[P, 3] float32`` and colours ``[P, 3] uint8`` (or None) of a PLY point cloud (ASCII or binary).
+
+    Colour properties ``red/green/blue`` may be uint8 (0-255) or float (0-1).
+    """
+    from plyfile import PlyData
+
+    try:
+        ply = PlyData.read(str(path))
+        vertex = ply["vertex"]
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"Point cloud {path} (ply_file_path in transforms.json) does not exist") from err
+    except Exception as err:
+        raise ValueError(f"Point cloud {path} is not a readable PLY file with a 'vertex' element: {err}") from err
+    names = vertex.data.dtype.names
+    if not all(k in names for k in ("x", "y", "z")):
+        raise ValueError(f"Point cloud {path} has no x/y/z vertex properties (found {names})")
+    xyz = np.stack([vertex[k] for k in ("x", "y", "z")], axis=-1).astype(np.float32)
+    rgb = None
+    if all(k in names for k in ("red", "green", "blue")):
+        rgb = np.stack([vertex[k] for k in ("red", "green", "blue")], axis=-1)
+        if np.issubdtype(rgb.dtype, np.floating):
+            rgb = np.clip(rgb * 255.0, 0, 255).round()
+        rgb = rgb.astype(np.uint8)
+    return xyz, rgb
+
+
+@dataclass
+class PepeDataParserConfig(NerfstudioDataParserConfig):
+    """nerfstudio-data parser that loads the initial point cloud with plyfile (no open3d)."""
+
+    _target: Type = field(default_factory=lambda: PepeDataParser)
+    load_3D_points: bool = True
+    """Seed the Gaussians from ``ply_file_path`` in transforms.json."""
+
+
+class PepeDataParser(Nerfstudio):
+    """Nerfstudio dataparser with an open3d-free point cloud loader."""
+
+    config: PepeDataParserConfig
+
+    def _generate_dataparser_outputs(self, split: str = "train"):
+        data = Path(self.config.data)
+        meta = data if data.suffix == ".json" else data / "transforms.json"
+        if not meta.exists():
+            raise FileNotFoundError(
+                f"{meta} does not exist: --data must be a nerfstudio scene folder holding transforms.json "
+                "(make one with `pepeseg3d synth` or `ns-process-data`)"
+            )
+        try:
+            return super()._generate_dataparser_outputs(split)
+        except UnidentifiedImageError as err:
+            raise ValueError(f"An image of {meta} could not be decoded: {err}") from err
+
+    def _load_3D_points(self, ply_file_path: Path, transform_matrix: torch.Tensor, scale_factor: float) -> Optional[Dict[str, torch.Tensor]]:
+        """Points ``points3D_xyz [P, 3]`` in the parser's normalised world frame and ``points3D_rgb [P, 3] uint8``,
+        or None for an empty cloud (then splatfacto starts from random points)."""
+        xyz, rgb = read_ply_points(ply_file_path)
+        if xyz.shape[0] == 0:
+            return None
+        pts = torch.from_numpy(xyz)
+        pts = torch.cat([pts, torch.ones_like(pts[:, :1])], dim=-1) @ transform_matrix.T
+        pts = pts * scale_factor
+        if rgb is None:
+            rgb = np.full((xyz.shape[0], 3), 128, dtype=np.uint8)
+        return {"points3D_xyz": pts, "points3D_rgb": torch.from_numpy(rgb)}
