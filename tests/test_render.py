@@ -192,11 +192,6 @@ def _analytic_grads(scene, w, h, weight, dtype):
 
 def test_gradients_match_finite_differences_float64(backend):
     """Every input of rasterize() gets the gradient that central differences predict (tiny, smooth scene)."""
-    if backend == "cpp":
-        from pepeseg3d_ns.render import cpu_backend
-
-        if not getattr(cpu_backend, "SUPPORTS_FLOAT64", False):
-            pytest.skip("C++ kernel is float32-only; its float32 gradients are compared with float64 below")
     scene, w, h, weight = _grad_scene()
     grads, leaves = _analytic_grads(scene, w, h, weight, torch.float64)
     eps = 1e-6
