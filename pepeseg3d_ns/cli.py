@@ -27,8 +27,11 @@ class Synth:
     """Image width = height in pixels."""
     seed: int = 0
     overwrite: bool = False
+    preview: bool = True
+    """Also write preview.png: a few views with GT depth and parts / objects / groups maps."""
 
     def main(self) -> None:
+        from pepeseg3d_ns.data.preview import scene_preview
         from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
 
         out = generate_scene(
@@ -37,6 +40,8 @@ class Synth:
                 seed=self.seed, overwrite=self.overwrite,
             )
         )
+        if self.preview:
+            print(f"preview: {scene_preview(out, out / 'preview.png')}")
         print(f"wrote {out}  (train with: ns-train pepe-recon --data {out})")
 
 

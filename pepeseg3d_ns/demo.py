@@ -66,19 +66,12 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def _depth_to_rgb(depth: torch.Tensor) -> np.ndarray:
-    """Colour-map a ``[H, W, 1]`` depth with a simple blue-to-yellow ramp (near = yellow)."""
-    d = depth[..., 0].cpu().numpy()
-    lo, hi = np.percentile(d, 2), np.percentile(d, 98)
-    t = 1.0 - np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.stack([t, 0.3 + 0.5 * t, 1.0 - t], axis=-1)
-    return (rgb * 255).astype(np.uint8)
-
-
 def evaluate_run(config_path: Path, picture: Optional[Path] = None, n_views: int = 3) -> Dict[str, float]:
     """Load a finished run like ``ns-eval`` does, average PSNR/SSIM over every held-out view, and optionally save
     a picture: one row per held-out view with ground truth | render | rendered depth."""
     from nerfstudio.utils.eval_utils import eval_setup
+
+    from pepeseg3d_ns.data.preview import colorize_depth
 
     _, pipeline, _, step = eval_setup(config_path, test_mode="test")
     pipeline.eval()
@@ -93,7 +86,7 @@ def evaluate_run(config_path: Path, picture: Optional[Path] = None, n_views: int
             if picture is not None and i < n_views:
                 gt = batch["image"]
                 gt = gt.float() / 255.0 if gt.dtype == torch.uint8 else gt
-                rows.append(np.concatenate([_to_uint8(gt[..., :3]), _to_uint8(outputs["rgb"]), _depth_to_rgb(outputs["depth"])], axis=1))
+                rows.append(np.concatenate([_to_uint8(gt[..., :3]), _to_uint8(outputs["rgb"]), colorize_depth(outputs["depth"][..., 0].cpu().numpy())], axis=1))
     if picture is not None and rows:
         Image.fromarray(np.concatenate(rows, axis=0)).save(picture)
     return {
