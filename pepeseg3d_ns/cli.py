@@ -55,7 +55,7 @@ class Demo:
     resolution: int = 128
     n_views: int = 40
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2000
     """Training iterations of pepe-recon."""
     device: Optional[Literal["cpu", "cuda"]] = None
     """Default: cuda when available, else cpu."""
@@ -73,7 +73,8 @@ class BenchRender:
     gaussians: tuple[int, ...] = (10_000, 50_000, 200_000)
     resolutions: tuple[int, ...] = (128, 256)
     channels: tuple[int, ...] = (3, 32)
-    repeats: int = 3
+    repeats: int = 5
+    """Timed repetitions per configuration; the median is reported."""
     device: Literal["cpu", "cuda"] = "cpu"
     backend: Literal["auto", "cpp", "torch"] = "auto"
     """CPU compositing backend (ignored on CUDA)."""

@@ -22,7 +22,8 @@ def short_schedule(config, steps: int):
     """Adapt splatfacto's 30k-step schedule to ``steps`` iterations (in place; returns ``config``).
 
     Full resolution from the start (no 1/4-resolution warm-up), densification from 10 % to 60 % of the run,
-    opacity reset every ~1/3 of the run but never in the last 40 %, SH degree raised every 1/8 of the run.
+    opacity reset every ~1/3 of the run but never in the last 40 %, SH degree raised every 1/8 of the run,
+    twice splatfacto's densification gradient threshold.
     """
     model = config.pipeline.model
     config.max_num_iterations = steps
@@ -33,6 +34,9 @@ def short_schedule(config, steps: int):
     model.reset_alpha_every = max(10, steps // 300)  # in units of refine_every
     model.sh_degree_interval = max(100, steps // 8)
     model.stop_screen_size_at = steps
+    # at ~128 px the default threshold (tuned for 30k steps at ~1k px) grows >130k Gaussians in 3k steps;
+    # doubling it halves the count for a fraction of a dB (docs/benchmarks.md)
+    model.densify_grad_thresh = 2 * model.densify_grad_thresh
     for group in config.optimizers.values():
         sched = group.get("scheduler")
         if sched is not None and hasattr(sched, "max_steps"):
@@ -104,7 +108,7 @@ def run_demo(
     resolution: int = 128,
     n_views: int = 40,
     seed: int = 0,
-    steps: int = 3000,
+    steps: int = 2000,
     device: Optional[str] = None,
 ) -> Dict[str, float]:
     """Synthesise (or reuse) a scene, train ``pepe-recon`` for ``steps`` iterations, evaluate held-out views.

@@ -5,8 +5,10 @@ width, so ~53 degree field of view), scales log-uniform in [0.005, 0.03] (about 
 opacities uniform in [0.1, 1], ``D`` random colour channels. The loss for the backward pass is a fixed random
 weighting of the rendered image, so every input gets a gradient.
 
-Peak memory: on CPU, the largest resident set size seen by a 2 ms sampling thread minus the RSS before the
-run; on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before the run.
+Every configuration runs in a fresh process, so one configuration's freed-but-kept allocator memory does not
+hide the next one's. Peak memory: on CPU, the largest resident set size seen by a 2 ms sampling thread during
+the timed forward+backward passes minus the RSS just before them (scene tensors and the loaded kernel are
+part of the baseline); on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocation before them.
 """
 
 from __future__ import annotations
@@ -148,11 +150,16 @@ def run_render_benchmark(
         backend_used = cpu_backend_name()
     else:
         backend_used = "gsplat"
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     rows = []
+    ctx = mp.get_context("spawn")
     for n in gaussians:
         for res in resolutions:
             for ch in channels:
-                r = time_render(n, res, ch, device, repeats)
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                    r = pool.submit(time_render, n, res, ch, device, repeats).result()
                 rows.append({"gaussians": n, "resolution": res, "channels": ch, **r})
                 print(f"N={n:>7} {res:>4}px D={ch:>2}: fwd {r['forward_s']:.3f}s  fwd+bwd {r['fwd_bwd_s']:.3f}s  "
                       f"peak +{r['peak_mib']:.0f} MiB  isects {int(r['intersections'])}", flush=True)

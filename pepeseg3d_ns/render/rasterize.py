@@ -238,14 +238,18 @@ def isect_tiles(
 
 def eval_sh_colors(means: Tensor, coeffs: Tensor, viewmats: Tensor, sh_degree: int) -> Tensor:
     """View-dependent colours ``[C, N, 3]`` from SH ``coeffs [N, K, 3]`` or ``[C, N, K, 3]`` (gsplat's +0.5 offset
-    and clamp at 0 included); the view direction is from each camera centre to each Gaussian."""
-    from gsplat.cuda._torch_impl import _spherical_harmonics
+    and clamp at 0 included); the view direction is from each camera centre to each Gaussian. Only the first
+    ``(sh_degree + 1) ** 2`` coefficients are touched (gsplat's torch reference multiplies all ``K``)."""
+    from gsplat.cuda._torch_impl import _eval_sh_bases_fast
 
-    C = viewmats.shape[0]
+    n_bases = (sh_degree + 1) ** 2
     campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
-    dirs = means[None, :, :] - campos[:, None, :]  # [C, N, 3]
-    shs = coeffs.expand(C, *coeffs.shape) if coeffs.dim() == 3 else coeffs
-    colors = _spherical_harmonics(sh_degree, dirs, shs)
+    dirs = F.normalize(means[None, :, :] - campos[:, None, :], dim=-1)  # [C, N, 3]
+    bases = _eval_sh_bases_fast(n_bases, dirs)  # [C, N, n_bases]
+    used = coeffs[..., :n_bases, :]
+    if used.dim() == 3:
+        used = used[None]
+    colors = (bases[..., None] * used).sum(dim=-2)
     return torch.clamp_min(colors + 0.5, 0.0)
 
 
