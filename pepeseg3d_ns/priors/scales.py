@@ -1,0 +1,144 @@
+"""Physical 3D size of each SAM mask, and the per-scene map from sizes to scales ``s`` in [0, 1].
+
+A mask's size is ``2 * || std(P) ||``, where ``P`` holds the mask's pixels back-projected with the rendered
+z-depth of the reconstructed scene. ``std`` is the per-axis population standard deviation of the points and
+``|| . ||`` the Euclidean norm over the three axes. Before back-projecting, isolated boundary pixels are dropped
+(pixels with fewer than ``min_neighbors`` of their 8 neighbours inside the mask: stray pixels, 1-px spurs, sharp
+corners). Their depth is the least reliable, because a boundary pixel can mix foreground and background depth.
+
+Camera convention: pinhole ``K [3, 3]`` in pixels, pixel ``(u, v)`` centred at ``(u + 0.5, v + 0.5)``, z-depth
+along the optical axis; points come out in the OpenCV camera frame (x right, y down, z forward). Sizes are
+rotation invariant, so the frame does not matter for the size.
+
+Sizes become scales through the empirical CDF of all mask sizes in the scene (a quantile transform):
+``s = F(size)``, piecewise linear between stored quantile knots. The map is monotone and depends only on the
+scene, and it is serialisable (:meth:`ScaleMap.to_dict`), so the cache and the checkpoint can store it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def backproject(depth: Tensor, K: Tensor) -> Tensor:
+    """Camera-frame points ``[H, W, 3]`` (OpenCV) of every pixel centre, given z-depth ``[H, W]`` and ``K [3, 3]``."""
+    H, W = depth.shape
+    v, u = torch.meshgrid(
+        torch.arange(H, dtype=depth.dtype, device=depth.device) + 0.5,
+        torch.arange(W, dtype=depth.dtype, device=depth.device) + 0.5,
+        indexing="ij",
+    )
+    x = (u - K[0, 2]) / K[0, 0] * depth
+    y = (v - K[1, 2]) / K[1, 1] * depth
+    return torch.stack([x, y, depth], dim=-1)
+
+
+def remove_isolated_pixels(masks: Tensor, min_neighbors: int = 4, min_keep: int = 3) -> Tensor:
+    """Drop mask pixels with fewer than ``min_neighbors`` of their 8 neighbours in the mask.
+
+    ``masks`` is ``bool [M, H, W]``; returns the same shape. A mask that would keep fewer than ``min_keep``
+    pixels is returned unchanged (tiny masks have nothing but boundary).
+    """
+    if masks.numel() == 0:
+        return masks
+    m = masks.float()[:, None]
+    kernel = torch.ones(1, 1, 3, 3, dtype=m.dtype, device=m.device)
+    neighbours = F.conv2d(m, kernel, padding=1)[:, 0] - m[:, 0]
+    kept = masks & (neighbours >= min_neighbors)
+    too_small = kept.flatten(1).sum(1) < min_keep
+    return torch.where(too_small[:, None, None], masks, kept)
+
+
+def mask_sizes(
+    masks: Tensor,
+    depth: Tensor,
+    K: Tensor,
+    valid: Optional[Tensor] = None,
+    min_neighbors: int = 4,
+    chunk: int = 32,
+) -> Tensor:
+    """3D size ``2 * ||std(points)||`` of each mask, in the units of ``depth``.
+
+    Args:
+        masks: ``bool [M, H, W]`` at the resolution of ``depth``.
+        depth: ``[H, W]`` z-depth, e.g. rendered expected depth of the reconstructed scene.
+        K: ``[3, 3]`` pinhole intrinsics for that resolution.
+        valid: optional ``bool [H, W]``; pixels with invalid depth (no accumulation, non-finite) are ignored.
+        min_neighbors: see :func:`remove_isolated_pixels`.
+        chunk: masks per matrix product, bounding memory to ``chunk * H * W`` floats.
+
+    Returns:
+        ``[M]`` float sizes; NaN for a mask with fewer than 2 valid pixels.
+    """
+    if masks.shape[-2:] != depth.shape:
+        raise ValueError(f"masks are {tuple(masks.shape[-2:])} but depth is {tuple(depth.shape)}; resize them first")
+    ok = torch.isfinite(depth) & (depth > 0)
+    if valid is not None:
+        ok &= valid
+    pts = backproject(torch.where(ok, depth, torch.zeros_like(depth)), K).reshape(-1, 3).double()
+    feats = torch.cat([pts, pts * pts, torch.ones_like(pts[:, :1])], dim=1)  # [HW, 7]
+    okf = ok.reshape(-1)
+    out = []
+    for start in range(0, masks.shape[0], chunk):
+        sel = remove_isolated_pixels(masks[start : start + chunk], min_neighbors).reshape(-1, okf.numel()) & okf
+        sums = sel.double() @ feats  # [m, 7]
+        n = sums[:, 6:7]
+        mean = sums[:, :3] / n.clamp(min=1)
+        var = (sums[:, 3:6] / n.clamp(min=1) - mean * mean).clamp(min=0)
+        size = 2.0 * var.sum(1).sqrt()
+        out.append(torch.where(n[:, 0] >= 2, size, torch.full_like(size, float("nan"))))
+    if not out:
+        return torch.zeros(0, dtype=depth.dtype, device=depth.device)
+    return torch.cat(out).to(depth.dtype)
+
+
+@dataclass
+class ScaleMap:
+    """Monotone map from a mask's 3D size to a scale ``s`` in [0, 1]: the scene's empirical CDF of sizes.
+
+    ``knots`` holds sizes at the quantiles ``levels`` (both ascending). Sizes below the first knot map to 0, and
+    sizes above the last knot map to 1.
+    """
+
+    knots: List[float]
+    levels: List[float]
+
+    @classmethod
+    def fit(cls, sizes: Tensor | np.ndarray, n_knots: int = 101) -> "ScaleMap":
+        """Quantile knots of all finite ``sizes [T]`` of a scene (every mask of every view)."""
+        s = np.asarray(sizes.detach().cpu() if isinstance(sizes, Tensor) else sizes, dtype=np.float64).reshape(-1)
+        s = s[np.isfinite(s)]
+        if s.size == 0:
+            raise ValueError("cannot fit a scale map: no mask has a finite size (empty masks or invalid depth)")
+        levels = np.linspace(0.0, 1.0, n_knots)
+        knots = np.quantile(s, levels)
+        # ties (many equal sizes) would make the inverse ambiguous: keep the last level of each run
+        knots_u, idx = np.unique(knots[::-1], return_index=True)
+        levels_u = levels[::-1][idx]
+        if knots_u.size == 1:
+            knots_u = np.array([knots_u[0], knots_u[0] * (1 + 1e-6) + 1e-12])
+            levels_u = np.array([0.0, 1.0])
+        return cls(knots=knots_u.tolist(), levels=levels_u.tolist())
+
+    def __call__(self, sizes: Tensor) -> Tensor:
+        """Scales ``[...]`` in [0, 1] of ``sizes [...]`` (NaN stays NaN)."""
+        k = torch.tensor(self.knots, dtype=torch.float64, device=sizes.device)
+        lv = torch.tensor(self.levels, dtype=torch.float64, device=sizes.device)
+        x = sizes.double().clamp(min=float(k[0]), max=float(k[-1]))
+        i = torch.searchsorted(k, x.contiguous(), right=True).clamp(1, k.numel() - 1)
+        t = (x - k[i - 1]) / (k[i] - k[i - 1])
+        s = lv[i - 1] + t * (lv[i] - lv[i - 1])
+        return torch.where(torch.isnan(sizes), sizes.double(), s).to(sizes.dtype)
+
+    def to_dict(self) -> Dict[str, List[float]]:
+        return {"knots": list(self.knots), "levels": list(self.levels)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, List[float]]) -> "ScaleMap":
+        return cls(knots=list(d["knots"]), levels=list(d["levels"]))
