@@ -1,27 +1,62 @@
 """Datamanager and dataset for the PePESeg3D methods.
 
-:class:`PepeDataset` is nerfstudio's ``InputDataset`` with errors that name the file: an image that does not
-decode, or whose size disagrees with its camera, stops training with the path and the reason instead of a
-stack trace from inside PIL. :class:`PepeDatamanager` is ``FullImageDatamanager`` made safe without CUDA:
-``cache_images="cpu"`` normally pins host memory, which raises on a machine without a GPU; there the images
-are simply kept in ordinary CPU memory.
+:class:`PepeDataset` is nerfstudio's ``InputDataset`` with errors that name the file (an image that does not
+decode stops training with its path, not a stack trace from inside PIL), and with the perception priors of
+each image attached from the on-disk cache (:mod:`pepeseg3d_ns.priors.cache`).
+
+:class:`PepeDatamanager` is ``FullImageDatamanager`` made safe without CUDA (``cache_images="cpu"`` normally
+pins host memory, which raises without a GPU; there the images stay in ordinary memory) and it hands every
+training step the priors of its image:
+
+* ``batch["prior_masks"]``: the :class:`~pepeseg3d_ns.priors.masks.MaskSet` (bit-packed; what the image cache
+  keeps for every image, so the whole scene's masks stay compact in memory);
+* ``batch["sam_masks"]``: ``bool [M, H, W]`` dense masks of this one image on the model's device;
+* ``batch["sam_mask_areas"]``: ``int64 [M]`` pixel areas;
+* ``batch["depth_prior"]``: ``float32 [H, W, 1]`` relative inverse depth (larger = nearer, unknown scale and
+  shift), on the model's device.
+
+All are at the resolution of the (possibly ``camera_res_scale_factor``-scaled) image. When splatfacto renders
+at a further reduced resolution early in training, :func:`downscale_prior_batch` brings them to it the same
+way splatfacto downsamples the image.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Type
+from pathlib import Path
+from typing import Dict, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 from nerfstudio.data.datasets.base_dataset import InputDataset
+from nerfstudio.utils.rich_utils import CONSOLE
 
 
 class PepeDataset(InputDataset):
-    """InputDataset whose image loading errors name the offending file."""
+    """InputDataset whose image loading errors name the offending file, with perception priors attached when
+    :attr:`prior_cache` is set (see the module docstring)."""
+
+    prior_cache = None  # a pepeseg3d_ns.priors.cache.PriorCache, set by PepeDatamanager
+
+    def get_metadata(self, data: Dict) -> Dict:
+        """Priors of image ``data["image_idx"]`` resized to ``data["image"]``'s size: ``prior_masks`` (MaskSet)
+        and ``depth_prior [H, W, 1]`` float32. Empty when no cache is attached."""
+        if self.prior_cache is None:
+            return {}
+        path = Path(self._dataparser_outputs.image_filenames[data["image_idx"]])
+        masks = self.prior_cache.load_masks(path.stem)
+        depth = torch.from_numpy(self.prior_cache.load_depth(path.stem))
+        h, w = data["image"].shape[:2]
+        if masks.shape != (h, w):
+            masks = masks.resized(h, w)
+        if tuple(depth.shape) != (h, w):
+            depth = F.interpolate(depth[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        return {"prior_masks": masks, "depth_prior": depth[..., None]}
 
     def get_numpy_image(self, image_idx: int) -> np.ndarray:
         """Image ``[H, W, 3 or 4] uint8`` of training image ``image_idx``; clear errors for unreadable files."""
@@ -43,6 +78,11 @@ class PepeDatamanagerConfig(FullImageDatamanagerConfig):
 
     _target: Type = field(default_factory=lambda: PepeDatamanager)
     cache_images_type: Literal["uint8", "float32"] = "uint8"
+    priors: Literal["auto", "require", "off"] = "auto"
+    """Perception priors (SAM masks, relative depth) from `pepeseg3d priors`: "auto" attaches them when the cache
+    exists, "require" stops with the command to build it when it does not, "off" ignores them."""
+    priors_dir: Optional[Path] = None
+    """Prior cache folder; default <data>/pepe_priors."""
 
 
 class PepeDatamanager(FullImageDatamanager[PepeDataset]):
@@ -54,8 +94,70 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
     def dataset_type(self) -> Type[PepeDataset]:
         return PepeDataset
 
+    def create_train_dataset(self) -> PepeDataset:
+        dataset = super().create_train_dataset()
+        dataset.prior_cache = self._open_prior_cache(dataset, "train")
+        return dataset
+
+    def create_eval_dataset(self) -> PepeDataset:
+        dataset = super().create_eval_dataset()
+        dataset.prior_cache = self._open_prior_cache(dataset, "eval")
+        return dataset
+
+    def _open_prior_cache(self, dataset: PepeDataset, split: str):
+        """The validated prior cache for ``dataset``'s images, or None (``priors="off"``, or "auto" without one)."""
+        if self.config.priors == "off":
+            return None
+        from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
+
+        data_dir = Path(self.config.data or self.config.dataparser.data)
+        location = self.config.priors_dir or (data_dir if data_dir.is_dir() else data_dir.parent)
+        try:
+            cache = PriorCache.open(location)
+        except PriorCacheError:
+            if self.config.priors == "require":
+                raise
+            if split == "train":
+                CONSOLE.log(f"No perception-prior cache under {location}; training without priors.")
+            return None
+        cache.validate(dataset.image_filenames, check_files=False)
+        if split == "train":
+            CONSOLE.log(f"Perception priors ({cache.kind}) from {cache.cache_dir}")
+        return cache
+
+    def next_train(self, step: int) -> Tuple[Cameras, Dict]:
+        """One training image (see the module docstring for the prior keys added to the batch)."""
+        camera, data = super().next_train(step)
+        if "prior_masks" in data:
+            masks = data["prior_masks"]
+            data["sam_masks"] = masks.to_torch(self.device)
+            data["sam_mask_areas"] = torch.from_numpy(masks.areas).to(self.device)
+            data["depth_prior"] = data["depth_prior"].to(self.device)
+        return camera, data
+
     def _load_images(self, split: Literal["train", "eval"], cache_images_device: Literal["cpu", "gpu"]) -> List[Dict[str, torch.Tensor]]:
         if cache_images_device == "cpu" and not torch.cuda.is_available():
             # pinning needs CUDA; "gpu" mode moves images to self.device, which is the CPU here
             cache_images_device = "gpu"
         return super()._load_images(split, cache_images_device)
+
+
+def downscale_prior_batch(batch: Dict, factor: int) -> Dict:
+    """Priors of ``batch`` at ``1/factor`` resolution, downsampled the way splatfacto downsamples the image
+    (``factor x factor`` box average with stride ``factor``, so ``H // factor`` rows); masks keep the pixels
+    more than half covered. Returns a new dict with ``sam_masks [M, H', W']``, ``sam_mask_areas [M]`` and
+    ``depth_prior [H', W', 1]``; other keys are shared with ``batch``."""
+    if factor <= 1 or "sam_masks" not in batch:
+        return batch
+    out = dict(batch)
+    masks = batch["sam_masks"]
+    if masks.shape[0] > 0:
+        pooled = F.avg_pool2d(masks[:, None].float(), kernel_size=factor, stride=factor)[:, 0]
+        out["sam_masks"] = pooled > 0.5
+    else:
+        h, w = masks.shape[1] // factor, masks.shape[2] // factor
+        out["sam_masks"] = masks.new_zeros((0, h, w))
+    out["sam_mask_areas"] = out["sam_masks"].flatten(1).sum(1)
+    depth = batch["depth_prior"].permute(2, 0, 1)[None]
+    out["depth_prior"] = F.avg_pool2d(depth, kernel_size=factor, stride=factor)[0].permute(1, 2, 0)
+    return out
