@@ -1,4 +1,4 @@
-"""The ``pepeseg3d`` command: ``synth``, ``demo``, ``bench-render``.
+"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``scales``, ``demo``, ``bench-render``.
 
 Each subcommand is a small dataclass parsed by tyro (``pepeseg3d SUBCOMMAND --help`` lists its options).
 Heavy imports happen inside the subcommands so ``pepeseg3d --help`` stays fast.
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import tyro
+
+from pepeseg3d_ns.priors.cli import Priors
 
 
 @dataclass
@@ -87,10 +89,43 @@ class BenchRender:
         run_render_benchmark(**dataclasses.asdict(self))
 
 
+@dataclass
+class Scales:
+    """Measure every mask's 3D size with the rendered depth of a trained pepe-recon run; store the scene's
+    size-to-scale map in <data>/pepe_priors/scales.json (read by pepe-contrast)."""
+
+    load_config: Path
+    """config.yml of a finished pepe-recon run."""
+    min_alpha: float = 0.5
+    """Pixels whose rendered opacity is below this have no depth and are ignored."""
+
+    def main(self) -> None:
+        import numpy as np
+        from nerfstudio.utils.eval_utils import eval_setup
+
+        from pepeseg3d_ns.priors.cache import PriorCache
+        from pepeseg3d_ns.priors.scales import compute_scene_scales, rendered_depth_fn, save_scene_scales
+
+        _, pipeline, ckpt, step = eval_setup(self.load_config, test_mode="val")
+        dm = pipeline.datamanager
+        cache = PriorCache.open(dm.config.priors_dir or dm.config.dataparser.data)
+        stems = [Path(p).stem for p in dm.train_dataset.image_filenames]
+        scene = compute_scene_scales(
+            cache, stems, rendered_depth_fn(pipeline, self.min_alpha),
+            source={"recon_config": str(self.load_config), "checkpoint": str(ckpt), "step": int(step)},
+        )
+        path = save_scene_scales(cache, scene)
+        sizes = np.concatenate(list(scene.sizes.values()))
+        finite = sizes[np.isfinite(sizes)]
+        q = np.quantile(finite, [0.05, 0.5, 0.95]) if finite.size else [float("nan")] * 3
+        print(f"{len(stems)} views, {sizes.size} masks ({sizes.size - finite.size} without valid depth); "
+              f"sizes 5/50/95 %: {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} (scene units) -> {path}")
+
+
 def entrypoint() -> None:
     """Console script ``pepeseg3d``."""
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {"synth": Synth, "demo": Demo, "bench-render": BenchRender},
+        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "bench-render": BenchRender},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
     )
     cmd.main()

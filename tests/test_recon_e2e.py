@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,7 +99,7 @@ def test_undecodable_image_names_the_file(tiny_scene, tmp_path, index):
     from pepeseg3d_ns.demo import make_config
 
     scene = tmp_path / "broken"
-    shutil.copytree(tiny_scene, scene)
+    shutil.copytree(tiny_scene, scene, ignore=shutil.ignore_patterns("pepe_priors"))
     bad = sorted((scene / "images").glob("*.png"))[index]
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     config = make_config(scene, tmp_path / "runs", steps=10, device="cpu")
@@ -117,3 +118,24 @@ def test_zero_gaussians_is_a_clear_error(trained_run):
     camera, _ = next(iter(pipeline.datamanager.fixed_indices_eval_dataloader))
     with pytest.raises(RuntimeError, match="zero Gaussians"):
         model.get_outputs_for_camera(camera)
+
+
+def test_scales_cli_on_trained_run(trained_run, tiny_scene):
+    """`pepeseg3d scales` renders the run's depth for every training view and stores one size per mask."""
+    import json
+
+    from pepeseg3d_ns.cli import Scales
+    from pepeseg3d_ns.priors.cache import PriorCache, build_cache, image_paths_for
+    from pepeseg3d_ns.priors.scales import load_scene_scales
+    from pepeseg3d_ns.priors.simulated import SimulatedDepthSource, SimulatedSamSource
+
+    build_cache(tiny_scene, image_paths_for(tiny_scene), SimulatedSamSource(tiny_scene), SimulatedDepthSource(tiny_scene), progress=False)
+    Scales(load_config=trained_run).main()
+    cache = PriorCache.open(tiny_scene)
+    scene = load_scene_scales(cache)
+    assert len(scene.sizes) == 11  # the training views (12 views, 1 held out)
+    for stem, sizes in scene.sizes.items():
+        assert sizes.shape == (len(cache.load_masks(stem)),)
+        s = scene.scales(stem)
+        assert np.nanmin(s) >= 0 and np.nanmax(s) <= 1
+    assert json.loads((cache.cache_dir / "scales.json").read_text())["source"]["step"] == 299

@@ -142,3 +142,131 @@ class ScaleMap:
     @classmethod
     def from_dict(cls, d: Dict[str, List[float]]) -> "ScaleMap":
         return cls(knots=list(d["knots"]), levels=list(d["levels"]))
+
+
+# ----------------------------------------------------------------------------------------------- per scene
+
+SCALES_FILE = "scales.json"
+
+
+@dataclass
+class SceneScales:
+    """Mask sizes and scales of a whole scene, as stored in ``<cache>/scales.json``.
+
+    ``sizes[stem]`` is ``float [M]`` (metres in the reconstruction's units, NaN where a mask had too few
+    pixels with valid depth), aligned with the masks of ``stem`` in the prior cache; ``scale_map`` maps a size
+    to ``s`` in [0, 1]; ``source`` records what produced the depth (e.g. the pepe-recon config and step).
+    """
+
+    sizes: Dict[str, np.ndarray]
+    scale_map: ScaleMap
+    source: Dict
+    masks_digest: Dict[str, str]
+
+    def scales(self, stem: str) -> np.ndarray:
+        """``float32 [M]`` scales in [0, 1] of the masks of ``stem`` (NaN stays NaN)."""
+        return self.scale_map(torch.from_numpy(self.sizes[stem].astype(np.float64))).numpy().astype(np.float32)
+
+    def to_json(self) -> Dict:
+        return {
+            "version": 1,
+            "source": self.source,
+            "scale_map": self.scale_map.to_dict(),
+            "images": {
+                s: {"sizes": [None if not np.isfinite(v) else float(v) for v in self.sizes[s]],
+                    "masks_digest": self.masks_digest.get(s)}
+                for s in sorted(self.sizes)
+            },
+        }
+
+    @classmethod
+    def from_json(cls, d: Dict) -> "SceneScales":
+        images = d["images"]
+        return cls(
+            sizes={s: np.array([np.nan if v is None else v for v in e["sizes"]], dtype=np.float64) for s, e in images.items()},
+            scale_map=ScaleMap.from_dict(d["scale_map"]),
+            source=d.get("source", {}),
+            masks_digest={s: e.get("masks_digest") for s, e in images.items()},
+        )
+
+
+def compute_scene_scales(cache, stems, depth_fn, source: Optional[Dict] = None, progress: bool = True) -> SceneScales:
+    """Sizes of every mask of every view in ``stems`` and the scene's :class:`ScaleMap`.
+
+    Args:
+        cache: the :class:`~pepeseg3d_ns.priors.cache.PriorCache` holding the masks.
+        stems: image stems (training views) to measure.
+        depth_fn: ``stem -> (depth [H, W], K [3, 3], valid [H, W] or None)``: z-depth of the reconstruction seen
+            from that view (rendered expected depth), its pinhole intrinsics, and which pixels have depth.
+            Masks are resized to the depth's resolution when they differ (nearest).
+        source: what produced the depth, stored with the result.
+    """
+    from tqdm import tqdm
+
+    sizes, digests = {}, {}
+    for stem in tqdm(list(stems), desc="mask scales", unit="view", disable=not progress):
+        depth, K, valid = depth_fn(stem)
+        masks = cache.load_masks(stem)
+        if masks.shape != tuple(depth.shape):
+            masks = masks.resized(*depth.shape)
+        dense = masks.to_torch(depth.device)
+        sizes[stem] = mask_sizes(dense, depth.double(), K.double(), valid).cpu().numpy()
+        digests[stem] = cache.entry(stem).get("masks_digest")
+    all_sizes = np.concatenate([v for v in sizes.values()]) if sizes else np.zeros(0)
+    return SceneScales(sizes=sizes, scale_map=ScaleMap.fit(all_sizes), source=dict(source or {}), masks_digest=digests)
+
+
+def save_scene_scales(cache, scene_scales: SceneScales) -> "Path":
+    """Write ``scales.json`` into the cache folder (atomically) and return its path."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(cache.cache_dir) / SCALES_FILE
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(scene_scales.to_json()))
+    os.replace(tmp, path)
+    return path
+
+
+def load_scene_scales(cache) -> SceneScales:
+    """Read ``scales.json`` of ``cache``; a clear error when it is missing or when the cache's masks changed
+    since the scales were computed (then the sizes no longer line up with the masks)."""
+    import json
+    from pathlib import Path
+
+    path = Path(cache.cache_dir) / SCALES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: compute mask scales from a trained pepe-recon run with\n"
+            f"  pepeseg3d scales --load-config outputs/<scene>/pepe-recon/<timestamp>/config.yml"
+        )
+    scene = SceneScales.from_json(json.loads(path.read_text()))
+    stale = [s for s, d in scene.masks_digest.items() if cache.manifest.get("images", {}).get(s, {}).get("masks_digest") != d]
+    if stale:
+        raise ValueError(
+            f"{path} was computed for other masks than the cache now holds ({len(stale)} view(s), e.g. {stale[0]}); "
+            "recompute it with `pepeseg3d scales --load-config ...`"
+        )
+    return scene
+
+
+def rendered_depth_fn(pipeline, min_alpha: float = 0.5):
+    """``depth_fn`` for :func:`compute_scene_scales` from a loaded nerfstudio pipeline (a pepe-recon run):
+    renders each training view at full resolution; pixels with accumulated alpha below ``min_alpha`` are
+    invalid. Camera conventions are the model's (nerfstudio OpenGL poses, pinhole K in pixels)."""
+    from pathlib import Path
+
+    dataset = pipeline.datamanager.train_dataset
+    index = {Path(p).stem: i for i, p in enumerate(dataset.image_filenames)}
+    cameras = dataset.cameras
+
+    @torch.no_grad()
+    def depth_fn(stem: str):
+        i = index[stem]
+        cam = cameras[i : i + 1].to(pipeline.device)
+        out = pipeline.model.get_outputs_for_camera(cam)
+        K = cam.get_intrinsics_matrices()[0].to(pipeline.device)
+        return out["depth"][..., 0], K, out["accumulation"][..., 0] >= min_alpha
+
+    return depth_fn
