@@ -57,6 +57,8 @@ class Priors:
     """SAM: remove disconnected regions and holes smaller than this many pixels (0 disables)."""
     progress: bool = True
     """Show a progress bar."""
+    preview: bool = True
+    """Also write preview.png into the cache: three views, their mask layers in colour and the depth prior."""
 
     # ------------------------------------------------------------------
     def use_simulated(self) -> bool:
@@ -138,6 +140,12 @@ class Priors:
         except (FileNotFoundError, ImportError, ValueError) as err:  # PriorCacheError is a ValueError
             raise SystemExit(f"pepeseg3d priors: {err}") from None
         st = cache.last_build
+        if self.preview and cache.stems:
+            from pepeseg3d_ns.data.preview import priors_preview
+
+            stems = cache.stems
+            picks = [stems[i * (len(stems) - 1) // 2] for i in range(3)] if len(stems) >= 3 else stems
+            print(f"preview: {priors_preview(cache, picks, cache.cache_dir / 'preview.png')}")
         kind = "simulated from ground truth" if simulated else "computed"
         print(
             f"priors ({kind}): {st.n_images} images, {st.computed} computed, {st.skipped} skipped "
