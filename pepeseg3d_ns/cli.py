@@ -1,4 +1,4 @@
-"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``scales``, ``demo``, ``bench-render``.
+"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``scales``, ``demo``, ``bench-render``, ``bench-priors``.
 
 Each subcommand is a small dataclass parsed by tyro (``pepeseg3d SUBCOMMAND --help`` lists its options).
 Heavy imports happen inside the subcommands so ``pepeseg3d --help`` stays fast.
@@ -122,10 +122,33 @@ class Scales:
               f"sizes 5/50/95 %: {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} (scene units) -> {path}")
 
 
+@dataclass
+class BenchPriors:
+    """Seconds per image and peak memory of SAM masks and Depth-Anything depth (tiny random models, loaded
+    through the real loading code), and the prior cache size per image."""
+
+    sizes: tuple[str, ...] = ("128x128", "1008x756")
+    device: Literal["cpu", "cuda"] = "cpu"
+    repeats: int = 3
+    points_per_side: int = 8
+    """SAM prompt grid. A random SAM keeps almost every prompt's masks (its scores mean nothing), so 32 (the
+    real default) spends minutes post-processing thousands of masks; 8 keeps the benchmark short."""
+    real_size: bool = False
+    """Use a ViT-B-sized random SAM instead of the tiny one (for a GPU)."""
+    output: Optional[Path] = None
+    """Also write the table as markdown here."""
+
+    def main(self) -> None:
+        from pepeseg3d_ns.priors.bench import run_priors_benchmark
+
+        run_priors_benchmark(**dataclasses.asdict(self))
+
+
 def entrypoint() -> None:
     """Console script ``pepeseg3d``."""
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "bench-render": BenchRender},
+        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "bench-render": BenchRender,
+         "bench-priors": BenchPriors},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
     )
     cmd.main()
