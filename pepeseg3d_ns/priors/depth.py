@@ -61,7 +61,8 @@ def _check_image(image: np.ndarray, stem: str) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image {stem!r}: expected [H, W, 3] uint8 RGB, got shape {image.shape} {image.dtype}")
-    return np.ascontiguousarray(image)
+    image = np.ascontiguousarray(image)
+    return image if image.flags.writeable else image.copy()  # torch warns on read-only arrays (e.g. from PIL)
 
 
 def folder_fingerprint(folder: Path) -> str:
