@@ -111,13 +111,18 @@ def run_demo(
     steps: int = 2000,
     device: Optional[str] = None,
 ) -> Dict[str, float]:
-    """Synthesise (or reuse) a scene, train ``pepe-recon`` for ``steps`` iterations, evaluate held-out views.
+    """Synthesise (or reuse) a scene, build its simulated perception priors, train ``pepe-recon`` for ``steps``
+    iterations with the priors attached, measure the mask scales with the trained geometry, evaluate held-out
+    views.
 
-    Writes ``<output_dir>/demo_comparison.png`` and ``<output_dir>/demo_report.json``; returns the report.
+    Writes ``<output_dir>/demo_comparison.png``, ``<output_dir>/demo_report.json`` and the scene's
+    ``pepe_priors/`` (``preview.png``, ``scales.json``); returns the report.
     """
     from nerfstudio.scripts.train import train_loop
 
+    from pepeseg3d_ns.cli import Scales
     from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
+    from pepeseg3d_ns.priors.cli import Priors
 
     output_dir = Path(output_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,14 +131,17 @@ def run_demo(
     if not (scene_dir / "transforms.json").exists():
         generate_scene(SynthConfig(scene=scene, output_dir=scene_dir, n_views=n_views, resolution=resolution, seed=seed))
     t_synth = time.perf_counter() - t0
+    Priors(data=scene_dir, seed=seed, progress=False).main()  # simulated SAM / Depth-Anything priors
 
     config = make_config(scene_dir, output_dir / "runs", steps, device, seed)
+    config.pipeline.datamanager.priors = "require"
     config.save_config()
     t1 = time.perf_counter()
     train_loop(local_rank=0, world_size=1, config=config)
     t_train = time.perf_counter() - t1
 
     config_path = config.get_base_dir() / "config.yml"
+    Scales(load_config=config_path).main()
     report = evaluate_run(config_path, picture=output_dir / "demo_comparison.png")
     report.update(
         {"scene": scene, "resolution": resolution, "steps": steps, "device": device,
