@@ -15,7 +15,6 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 
 def short_schedule(config, steps: int):
@@ -75,7 +74,7 @@ def evaluate_run(config_path: Path, picture: Optional[Path] = None, n_views: int
     a picture: one row per held-out view with ground truth | render | rendered depth."""
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from pepeseg3d_ns.data.preview import colorize_depth
+    from pepeseg3d_ns.data.preview import colorize_depth, save_grid
 
     _, pipeline, _, step = eval_setup(config_path, test_mode="test")
     pipeline.eval()
@@ -92,7 +91,7 @@ def evaluate_run(config_path: Path, picture: Optional[Path] = None, n_views: int
                 gt = gt.float() / 255.0 if gt.dtype == torch.uint8 else gt
                 rows.append(np.concatenate([_to_uint8(gt[..., :3]), _to_uint8(outputs["rgb"]), colorize_depth(outputs["depth"][..., 0].cpu().numpy())], axis=1))
     if picture is not None and rows:
-        Image.fromarray(np.concatenate(rows, axis=0)).save(picture)
+        save_grid(rows, picture)
     return {
         "psnr": float(np.mean(psnrs)),
         "ssim": float(np.mean(ssims)),

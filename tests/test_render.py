@@ -9,7 +9,6 @@ import torch
 
 from pepeseg3d_ns.render import c2w_from_viewmat, isect_tiles, project_gaussians, rasterize, viewmat_from_c2w
 from pepeseg3d_ns.render.rasterize import cpu_backend_name
-from pepeseg3d_ns.render.torch_composite import rasterize_to_pixels_torch
 
 BACKENDS = ["torch", "cpp"]
 

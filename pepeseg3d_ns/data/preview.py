@@ -33,6 +33,17 @@ def colorize_disparity(disp: np.ndarray) -> np.ndarray:
     return (np.stack([t, 0.3 + 0.5 * t, 1.0 - t], axis=-1) * 255).astype(np.uint8)
 
 
+def save_grid(rows: Sequence[np.ndarray], out_png: Path, scale: int = 1) -> Path:
+    """Stack ``[h, W, 3] uint8`` rows vertically, enlarge by ``scale`` (nearest) and save as PNG."""
+    grid = Image.fromarray(np.concatenate(list(rows), axis=0))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out_png)
+    return out_png
+
+
 def scene_preview(scene_dir: Path, out_png: Path, views: Sequence[int] = (0, 13, 26), scale: int = 2) -> Path:
     """Write a grid: one row per view index, columns RGB | GT depth | parts | objects | groups."""
     scene_dir = Path(scene_dir)
@@ -46,13 +57,7 @@ def scene_preview(scene_dir: Path, out_png: Path, views: Sequence[int] = (0, 13,
         cols = [rgb, colorize_depth(load_gt_depth(scene_dir, path.stem))]
         cols += [colorize_ids(load_gt_masks(scene_dir, path.stem, level), seed=i) for i, level in enumerate(LEVELS)]
         rows.append(np.concatenate(cols, axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out_png)
-    return out_png
+    return save_grid(rows, out_png, scale)
 
 
 def mask_layers(masks: np.ndarray, n_layers: int = 3, seed: int = 0) -> list:
@@ -82,10 +87,4 @@ def priors_preview(cache, stems: Sequence[str], out_png: Path, scale: int = 2) -
         masks = cache.load_masks(stem).to_dense()
         cols = [rgb, *mask_layers(masks), colorize_disparity(cache.load_depth(stem))]
         rows.append(np.concatenate(cols, axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out_png)
-    return out_png
+    return save_grid(rows, out_png, scale)

@@ -18,6 +18,7 @@ scene, and it is serialisable (:meth:`ScaleMap.to_dict`), so the cache and the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -216,11 +217,10 @@ def compute_scene_scales(cache, stems, depth_fn, source: Optional[Dict] = None, 
     return SceneScales(sizes=sizes, scale_map=ScaleMap.fit(all_sizes), source=dict(source or {}), masks_digest=digests)
 
 
-def save_scene_scales(cache, scene_scales: SceneScales) -> "Path":
+def save_scene_scales(cache, scene_scales: SceneScales) -> Path:
     """Write ``scales.json`` into the cache folder (atomically) and return its path."""
     import json
     import os
-    from pathlib import Path
 
     path = Path(cache.cache_dir) / SCALES_FILE
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -233,7 +233,6 @@ def load_scene_scales(cache) -> SceneScales:
     """Read ``scales.json`` of ``cache``; a clear error when it is missing or when the cache's masks changed
     since the scales were computed (then the sizes no longer line up with the masks)."""
     import json
-    from pathlib import Path
 
     path = Path(cache.cache_dir) / SCALES_FILE
     if not path.is_file():
@@ -255,8 +254,6 @@ def rendered_depth_fn(pipeline, min_alpha: float = 0.5):
     """``depth_fn`` for :func:`compute_scene_scales` from a loaded nerfstudio pipeline (a pepe-recon run):
     renders each training view at full resolution; pixels with accumulated alpha below ``min_alpha`` are
     invalid. Camera conventions are the model's (nerfstudio OpenGL poses, pinhole K in pixels)."""
-    from pathlib import Path
-
     dataset = pipeline.datamanager.train_dataset
     index = {Path(p).stem: i for i, p in enumerate(dataset.image_filenames)}
     cameras = dataset.cameras

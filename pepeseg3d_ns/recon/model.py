@@ -29,7 +29,6 @@ from nerfstudio.models.splatfacto import (
     RGB2SH,
 )
 from nerfstudio.utils.colors import get_color
-from nerfstudio.utils.rich_utils import CONSOLE
 
 from pepeseg3d_ns.render import rasterize, viewmat_from_c2w
 

@@ -172,7 +172,7 @@ def run_render_benchmark(
     Console().print(table)
     if output is not None:
         lines = [
-            f"| Gaussians | px | channels | forward s | fwd+bwd s | peak MiB | intersections |",
+            "| Gaussians | px | channels | forward s | fwd+bwd s | peak MiB | intersections |",
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
