@@ -52,6 +52,7 @@ __all__ = [
     "build_cache",
     "image_paths_for",
     "file_sha256",
+    "check_rgb_image",
     "signature_digest",
     "load_image_rgb",
 ]
@@ -73,16 +74,32 @@ class PriorCacheError(ValueError):
 # --------------------------------------------------------------------------------------------- small helpers
 
 
-def file_sha256(path: Union[str, Path], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+_SHA256_CACHE: dict = {}
+
+
+def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, streamed, memoised per (resolved path, size, mtime): a 2.5 GB SAM
+    checkpoint is hashed once per process, and re-validating unchanged images costs a ``stat``."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+        _SHA256_CACHE[key] = h.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def check_rgb_image(image: np.ndarray, stem: str) -> np.ndarray:
+    """``image`` as a contiguous, writable ``[H, W, 3] uint8`` array; ValueError naming ``stem`` otherwise.
+    (torch warns when handed read-only arrays, e.g. straight from PIL.)"""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image {stem!r}: expected [H, W, 3] uint8 RGB, got shape {image.shape} {image.dtype}")
+    image = np.ascontiguousarray(image)
+    return image if image.flags.writeable else image.copy()
 
 
 def signature_digest(signature: dict) -> str:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import numpy as np
 
+from pepeseg3d_ns.priors.cache import check_rgb_image
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -55,14 +57,6 @@ def _short_reason(e: BaseException) -> str:
     text = str(e).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def _check_image(image: np.ndarray, stem: str) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image {stem!r}: expected [H, W, 3] uint8 RGB, got shape {image.shape} {image.dtype}")
-    image = np.ascontiguousarray(image)
-    return image if image.flags.writeable else image.copy()  # torch warns on read-only arrays (e.g. from PIL)
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -222,7 +216,7 @@ class DepthAnythingSource:
         import torch
         import torch.nn.functional as F
 
-        image = _check_image(image, stem)
+        image = check_rgb_image(image, stem)
         self.load()
         h, w = image.shape[:2]
         kw: Dict[str, Any] = {}

@@ -22,12 +22,13 @@ records is the number of attention heads of the mask decoder's two-way transform
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
 import numpy as np
+
+from pepeseg3d_ns.priors.cache import check_rgb_image, file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -324,23 +325,6 @@ def resolve_checkpoint(cfg: SamConfig) -> Path:
     return path
 
 
-_SHA256_CACHE: Dict[Tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Union[str, Path], chunk: int = 1 << 22) -> str:
-    """Streamed sha256 of a file, memoised per (resolved path, size, mtime) so a 2.5 GB ViT-H is hashed once."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(chunk), b""):
-                h.update(block)
-        _SHA256_CACHE[key] = h.hexdigest()
-    return _SHA256_CACHE[key]
-
-
 def _read_state_dict(path: Path) -> Dict[str, "torch.Tensor"]:
     """``torch.load(path, map_location="cpu", weights_only=True)`` a SAM state dict, with clear errors."""
     import torch
@@ -444,13 +428,6 @@ _FIXED_GENERATOR_PARAMS: Dict[str, Any] = {
 }
 
 
-def _check_image(image: np.ndarray, stem: str) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image {stem!r}: expected [H, W, 3] uint8 RGB, got shape {image.shape} {image.dtype}")
-    return np.ascontiguousarray(image)
-
-
 class SamMaskSource:
     """:class:`MaskSource` backed by ``SamAutomaticMaskGenerator`` (all granularities kept).
 
@@ -523,7 +500,7 @@ class SamMaskSource:
         Returns:
             ``{"masks": bool [M, H, W], "scores": float32 [M] (predicted IoU), "stability": float32 [M]}``.
         """
-        image = _check_image(image, stem)
+        image = check_rgb_image(image, stem)
         self.load()
         records = self._generator.generate(image)
         h, w = image.shape[:2]
