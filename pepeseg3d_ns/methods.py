@@ -14,7 +14,7 @@ from nerfstudio.plugins.types import MethodSpecification
 
 from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
 from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
-from pepeseg3d_ns.recon.model import PepeSplatfactoModelConfig
+from pepeseg3d_ns.recon.model import PepeReconModelConfig
 from pepeseg3d_ns.schedulers import FloatExponentialDecaySchedulerConfig as ExponentialDecaySchedulerConfig
 
 
@@ -49,12 +49,13 @@ pepe_recon = MethodSpecification(
         max_num_iterations=30000,
         mixed_precision=False,
         pipeline=VanillaPipelineConfig(
-            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig()),
-            model=PepeSplatfactoModelConfig(),
+            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig(), priors="require"),
+            model=PepeReconModelConfig(),
         ),
         optimizers=gaussian_optimizers(30000),
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
         vis="viewer",
     ),
-    description="PePESeg3D stage 1: 3D Gaussian Splatting reconstruction (splatfacto on CPU or CUDA).",
+    description="PePESeg3D stage 1: Gaussian Splatting with the monocular depth constraint (CPU or CUDA). "
+    "Needs the priors cache: run `pepeseg3d priors --data SCENE` first.",
 )

@@ -18,12 +18,16 @@ from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
 def tiny_scene(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("scene") / "tabletop"
     generate_scene(SynthConfig(scene="tabletop", output_dir=out, n_views=12, resolution=48, n_init_points=2000), progress=False)
+    from pepeseg3d_ns.priors.cli import Priors
+
+    Priors(data=out, progress=False, preview=False).main()  # simulated priors: pepe-recon requires them
     return out
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_scene, tmp_path_factory) -> Path:
-    """300 steps of pepe-recon on a 48 px scene (densification and an opacity reset happen in that window)."""
+    """300 steps of pepe-recon (depth loss on) on a 48 px scene (densification and an opacity reset happen in
+    that window)."""
     from nerfstudio.scripts.train import train_loop
 
     from pepeseg3d_ns.demo import make_config
@@ -103,6 +107,7 @@ def test_undecodable_image_names_the_file(tiny_scene, tmp_path, index):
     bad = sorted((scene / "images").glob("*.png"))[index]
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     config = make_config(scene, tmp_path / "runs", steps=10, device="cpu")
+    config.pipeline.datamanager.priors = "off"  # the copy has no priors; the image error is what we test
     with pytest.raises(ValueError, match=bad.name):
         dm = config.pipeline.datamanager.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
         dm.next_train(0)
@@ -139,3 +144,34 @@ def test_scales_cli_on_trained_run(trained_run, tiny_scene):
         s = scene.scales(stem)
         assert np.nanmin(s) >= 0 and np.nanmax(s) <= 1
     assert json.loads((cache.cache_dir / "scales.json").read_text())["source"]["step"] == 299
+
+
+@pytest.mark.parametrize("weight", [0.05, 0.0])
+def test_depth_loss_in_a_training_step(tiny_scene, tmp_path, weight):
+    from pepeseg3d_ns.demo import make_config
+
+    config = make_config(tiny_scene, tmp_path / "runs", steps=100, device="cpu")
+    config.pipeline.model.depth_loss_weight = weight
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+    pipeline.train()
+    pipeline.model.optimizers = {}
+    _, loss_dict, _ = pipeline.get_train_loss_dict(step=0)
+    if weight > 0:
+        assert torch.isfinite(loss_dict["depth_loss"]) and loss_dict["depth_loss"] > 0
+        sum(loss_dict.values()).backward()
+        assert pipeline.model.gauss_params["means"].grad.abs().sum() > 0
+    else:
+        assert "depth_loss" not in loss_dict
+
+
+def test_pepe_recon_requires_priors(tiny_scene, tmp_path):
+    import shutil
+
+    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.priors.cache import PriorCacheError
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_scene, bare, ignore=shutil.ignore_patterns("pepe_priors"))
+    config = make_config(bare, tmp_path / "runs", steps=10, device="cpu")
+    with pytest.raises(PriorCacheError, match="pepeseg3d priors --data"):
+        config.pipeline.datamanager.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)

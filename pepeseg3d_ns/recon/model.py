@@ -137,6 +137,10 @@ class PepeSplatfactoModel(SplatfactoModel):
         }
 
     # ------------------------------------------------------------------ rendering
+    def _depth_in_training(self) -> bool:
+        """Whether training steps render expected depth too (subclasses with depth losses say yes)."""
+        return self.config.output_depth_during_training
+
     def _render_inputs(self, crop_ids: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Activated per-Gaussian tensors (optionally cropped): means [N,3], quats [N,4], scales [N,3],
         opacities [N], colors [N,K,3] (SH) or [N,3] (sh_degree 0)."""
@@ -186,7 +190,7 @@ class PepeSplatfactoModel(SplatfactoModel):
 
         if self.config.rasterize_mode not in ("antialiased", "classic"):
             raise ValueError(f"Unknown rasterize_mode: {self.config.rasterize_mode}")
-        render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
+        render_mode = "RGB+ED" if (self._depth_in_training() or not self.training) else "RGB"
         sh_degree = None
         if self.config.sh_degree > 0:
             sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
@@ -243,3 +247,52 @@ class PepeSplatfactoModel(SplatfactoModel):
             metrics["lpips"] = float(lpips(gt_b, pred_b))
         metrics["num_gaussians"] = float(self.num_points)
         return metrics, {"img": torch.cat([gt, pred], dim=1)}
+
+
+@dataclass
+class PepeReconModelConfig(PepeSplatfactoModelConfig):
+    """PePESeg3D stage 1: splatfacto + monocular depth constraint.
+
+    ``L_recon = (1 - lambda_ph) * L1 + lambda_ph * D-SSIM + lambda_d * L_depth`` (paper eq. 1). ``lambda_ph`` is
+    splatfacto's ``ssim_lambda`` (default 0.2, as in the paper); ``L_depth`` is
+    :func:`pepeseg3d_ns.recon.losses.depth_prior_loss` against the Depth-Anything prior of the training image.
+    """
+
+    _target: Type = field(default_factory=lambda: PepeReconModel)
+    depth_loss_weight: float = 0.05
+    """lambda_d: weight of the scale/shift-invariant depth loss against the depth prior (0 disables it)."""
+    depth_min_alpha: float = 0.5
+    """Pixels whose rendered opacity is below this are left out of the depth loss."""
+
+
+class PepeReconModel(PepeSplatfactoModel):
+    """Splatfacto with the PePE depth constraint (see :class:`PepeReconModelConfig`)."""
+
+    config: PepeReconModelConfig
+
+    def _depth_in_training(self) -> bool:
+        return self.config.output_depth_during_training or self.config.depth_loss_weight > 0
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
+        """Splatfacto's photometric losses plus ``depth_loss = lambda_d * L_depth`` when the batch carries a
+        ``depth_prior`` (attached by the datamanager from the priors cache)."""
+        from pepeseg3d_ns.data.datamanager import downscale_prior_batch
+        from pepeseg3d_ns.recon.losses import depth_prior_loss
+
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if self.config.depth_loss_weight <= 0 or not self.training:
+            return loss_dict
+        if "depth_prior" not in batch:
+            if not getattr(self, "_warned_no_prior", False):
+                self._warned_no_prior = True
+                warnings.warn("depth_loss_weight > 0 but the batch has no depth prior: the depth loss is off. "
+                              "Build the priors with `pepeseg3d priors --data SCENE`.", stacklevel=2)
+            return loss_dict
+        prior = downscale_prior_batch(batch, self._get_downscale_factor())["depth_prior"]
+        depth = outputs["depth"]
+        if depth.shape[:2] != prior.shape[:2]:
+            raise ValueError(f"rendered depth {tuple(depth.shape[:2])} and depth prior {tuple(prior.shape[:2])} differ")
+        valid = outputs["accumulation"] >= self.config.depth_min_alpha
+        loss, _, _ = depth_prior_loss(depth, prior.to(depth), valid)
+        loss_dict["depth_loss"] = self.config.depth_loss_weight * loss
+        return loss_dict
