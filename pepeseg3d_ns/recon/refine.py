@@ -1,0 +1,104 @@
+"""Boundary-guided refinement (paper 2.1.1): which Gaussians to split. Pure functions of tensors.
+
+A Gaussian is a split candidate in a view when the segment of its projected major axis (centre +- 3 sigma along
+the largest eigenvector of its 2D covariance) crosses the boundary of one of the view's SAM masks: some points
+of the segment lie inside the mask and some outside. Only the near-surface Gaussians are split: among the
+Gaussians visible in the view, the ``lambda_close`` fraction with the smallest gap between their camera-space
+depth ``z_k`` and the rendered depth at their pixel.
+
+Conventions: pixel coordinates as gsplat's (pixel ``(u, v)`` centred at ``(u + 0.5, v + 0.5)``); ``conics`` are
+the upper triangle ``(a, b, c)`` of the inverse 2D covariance, as returned by
+:func:`pepeseg3d_ns.render.project_gaussians`.
+
+The split itself and its integration with splatfacto's densification are still to come (pepe-recon issue).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def major_axes(conics: Tensor) -> Tuple[Tensor, Tensor]:
+    """Unit direction ``[N, 2]`` and standard deviation ``[N]`` of the major axis of each 2D Gaussian.
+
+    ``conics [N, 3]`` is the upper triangle ``(a, b, c)`` of the inverse covariance ``[[a, b], [b, c]]``. The major
+    axis of the covariance is the eigenvector of the inverse with the *smallest* eigenvalue ``l``, and its
+    standard deviation is ``1 / sqrt(l)``.
+    """
+    a, b, c = conics.unbind(-1)
+    half_tr = 0.5 * (a + c)
+    disc = torch.sqrt(torch.clamp(0.25 * (a - c) ** 2 + b * b, min=0.0))
+    lam_min = torch.clamp(half_tr - disc, min=1e-12)
+    # eigenvector of [[a, b], [b, c]] for lam_min: (b, lam_min - a) or (lam_min - c, b), whichever is better conditioned
+    v1 = torch.stack([b, lam_min - a], dim=-1)
+    v2 = torch.stack([lam_min - c, b], dim=-1)
+    use1 = v1.norm(dim=-1) >= v2.norm(dim=-1)
+    v = torch.where(use1[:, None], v1, v2)
+    # isotropic Gaussians (both vectors ~0): any direction is a major axis
+    v = torch.where(v.norm(dim=-1, keepdim=True) > 1e-12, v, torch.tensor([1.0, 0.0], dtype=v.dtype, device=v.device))
+    return v / v.norm(dim=-1, keepdim=True), 1.0 / torch.sqrt(lam_min)
+
+
+def crosses_mask_boundary(
+    means2d: Tensor, conics: Tensor, masks: Tensor, n_samples: int = 7, n_sigma: float = 3.0, chunk: int = 16
+) -> Tensor:
+    """``bool [N]``: whether the major-axis segment of each Gaussian crosses the boundary of any mask.
+
+    Args:
+        means2d: ``[N, 2]`` pixel coordinates of the centres.
+        conics: ``[N, 3]`` inverse 2D covariances (upper triangle).
+        masks: ``bool [M, H, W]`` masks of the view (any order; the paper processes them small first, which does
+            not change the union of crossings).
+        n_samples: points sampled uniformly along ``centre +- n_sigma * sigma_major * direction``.
+        chunk: masks per step (memory ``chunk * N * n_samples`` booleans).
+
+    Samples falling outside the image are ignored: the image border is not a mask boundary.
+    """
+    n = means2d.shape[0]
+    m, h, w = masks.shape
+    if n == 0 or m == 0:
+        return torch.zeros(n, dtype=torch.bool, device=means2d.device)
+    direction, sigma = major_axes(conics)
+    t = torch.linspace(-n_sigma, n_sigma, n_samples, dtype=means2d.dtype, device=means2d.device)
+    pts = means2d[:, None, :] + t[None, :, None] * (sigma[:, None, None] * direction[:, None, :])  # [N, K, 2]
+    px = torch.floor(pts[..., 0]).long()
+    py = torch.floor(pts[..., 1]).long()
+    inside_img = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    flat = (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)).reshape(-1)  # [N*K]
+    crossing = torch.zeros(n, dtype=torch.bool, device=means2d.device)
+    flat_masks = masks.reshape(m, -1)
+    for start in range(0, m, chunk):
+        hit = flat_masks[start : start + chunk][:, flat].reshape(-1, n, n_samples)
+        crossing |= ((hit & inside_img).any(-1) & (~hit & inside_img).any(-1)).any(0)
+    return crossing
+
+
+def near_surface(
+    depths: Tensor, means2d: Tensor, radii: Tensor, rendered_depth: Tensor, fraction: float = 0.1
+) -> Tensor:
+    """``bool [N]``: the ``fraction`` (lambda_close) of visible Gaussians whose camera depth is closest to the
+    rendered depth at their centre pixel.
+
+    Args:
+        depths: ``[N]`` camera-space z of each Gaussian.
+        means2d: ``[N, 2]`` pixel coordinates; radii ``[N]`` (0 = not visible in this view).
+        rendered_depth: ``[H, W]`` expected z-depth rendered for the view.
+        fraction: share of the visible Gaussians to keep (at least one when any is visible).
+    """
+    h, w = rendered_depth.shape
+    px = torch.floor(means2d[:, 0]).long()
+    py = torch.floor(means2d[:, 1]).long()
+    visible = (radii > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    out = torch.zeros_like(visible)
+    n_vis = int(visible.sum())
+    if n_vis == 0:
+        return out
+    idx = visible.nonzero(as_tuple=True)[0]
+    gap = (depths[idx] - rendered_depth[py[idx], px[idx]]).abs()
+    k = max(1, int(round(fraction * n_vis)))
+    keep = torch.topk(gap, k, largest=False).indices
+    out[idx[keep]] = True
+    return out
