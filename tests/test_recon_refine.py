@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pepeseg3d_ns.recon.refine import crosses_mask_boundary, major_axes, near_surface
@@ -58,3 +59,66 @@ def test_near_surface_keeps_the_closest_fraction():
     # far behind the surface is never among the closest
     assert not near_surface(depths, means, radii, rendered, fraction=0.5)[7]
     assert near_surface(depths, means, torch.zeros_like(radii), rendered).sum() == 0
+
+
+def _render(params, res=64):
+    from pepeseg3d_ns.render import rasterize
+
+    K = torch.tensor([[[60.0, 0, res / 2], [0, 60.0, res / 2], [0, 0, 1]]])
+    img, _, _ = rasterize(params["means"], params["quats"], params["scales"].exp(), torch.sigmoid(params["opacities"]).squeeze(-1),
+                          torch.ones(params["means"].shape[0], 1), torch.eye(4)[None], K, res, res)
+    return img[0, ..., 0]
+
+
+def test_split_children_cover_the_parent_and_reindex_optimizer_state():
+    from pepeseg3d_ns.recon.refine import split_along_major_axis
+
+    params = torch.nn.ParameterDict({
+        "means": torch.nn.Parameter(torch.tensor([[0.0, 0.0, 3.0], [0.6, 0.6, 3.0]])),
+        "scales": torch.nn.Parameter(torch.log(torch.tensor([[0.25, 0.05, 0.05], [0.05, 0.05, 0.05]]))),
+        "quats": torch.nn.Parameter(torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])),
+        "opacities": torch.nn.Parameter(torch.logit(torch.tensor([[0.2], [0.2]]))),
+        "features_dc": torch.nn.Parameter(torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])),
+    })
+    optimizers = {k: torch.optim.Adam([p], lr=1e-3) for k, p in params.items()}
+    for p in params.values():  # one optimizer step so Adam has moments to re-index
+        p.grad = torch.ones_like(p)
+    for o in optimizers.values():
+        o.step()
+    state = {"grad2d": torch.tensor([5.0, 7.0]), "count": torch.tensor([1.0, 2.0])}
+    parent_mean = params["means"][0].detach().clone()
+    parent_scales = params["scales"][0].detach().exp()
+    kept_mean = params["means"][1].detach().clone()
+    before = _render(params)
+    n = split_along_major_axis(params, optimizers, state, torch.tensor([True, False]))
+    assert n == 1 and params["means"].shape == (3, 3)
+    # kept Gaussian first, then the two children along x (the longest axis), half the std there
+    assert torch.equal(params["means"][0], kept_mean)
+    offset = parent_scales[0] * math.sqrt(3) / 2
+    c1, c2 = params["means"][1].detach(), params["means"][2].detach()
+    assert torch.allclose((c1 + c2) / 2, parent_mean, atol=1e-6)  # symmetric about the parent
+    assert (c1 - c2).norm().item() == pytest.approx(2 * offset.item(), rel=1e-5)
+    assert abs((c1 - c2)[0].item()) > 0.99 * (c1 - c2).norm().item()  # along the longest (x) axis
+    expected_scales = parent_scales * torch.tensor([0.5, 1.0, 1.0])
+    assert torch.allclose(params["scales"][1:].exp(), expected_scales.expand(2, 3), atol=1e-6)
+    assert torch.equal(params["features_dc"][1], params["features_dc"][2])
+    assert state["grad2d"].tolist() == [7.0, 5.0, 5.0]
+    for k, p in params.items():
+        st = optimizers[k].state[p]
+        assert st["exp_avg"].shape == p.shape and st["exp_avg"][1:].abs().sum() == 0 and st["exp_avg"][0].abs().sum() > 0
+        assert optimizers[k].param_groups[0]["params"][0] is p
+    after = _render(params)
+    # the pair keeps the parent's mass, centre and spread; pixel-wise it differs only in the profile's shape
+    xs = torch.arange(64.0) + 0.5
+    for img in (before, after):
+        assert img.sum() > 1
+    assert after.sum().item() == pytest.approx(before.sum().item(), rel=0.05)
+    mean_b = (before.sum(0) * xs).sum() / before.sum()
+    mean_a = (after.sum(0) * xs).sum() / after.sum()
+    assert abs(mean_a - mean_b) < 0.3
+    var_b = (before.sum(0) * (xs - mean_b) ** 2).sum() / before.sum()
+    var_a = (after.sum(0) * (xs - mean_a) ** 2).sum() / after.sum()
+    assert var_a.item() == pytest.approx(var_b.item(), rel=0.08)
+    # two half-width children 1.7 sigma apart make a two-humped profile: pixel-wise they differ from the parent
+    # by about a third of its mass (0.32 here), while mass, centre and spread match
+    assert (after - before).abs().sum() / before.sum() < 0.35

@@ -102,3 +102,61 @@ def near_surface(
     keep = torch.topk(gap, k, largest=False).indices
     out[idx[keep]] = True
     return out
+
+
+CHILD_OFFSET = 0.5 * 3.0**0.5  # children at +-(sqrt(3)/2) sigma with half the std: the pair keeps the parent's variance
+
+
+@torch.no_grad()
+def split_along_major_axis(params, optimizers: dict, state: dict, mask: Tensor) -> int:
+    """Split the Gaussians in ``mask`` in place, each into two children along its longest 3D axis.
+
+    Children sit at ``mean +- (sqrt(3)/2) * s * axis`` with the std dev along that axis halved (``s / 2``), the
+    other axes, rotation, colour and opacity unchanged. The pair then has the parent's mean and covariance.
+    Parameters are log-scales and (w, x, y, z) quaternions, as in splatfacto's ``gauss_params``. The longest 3D
+    axis is the one that usually projects to the 2D major axis that triggered the split; choosing per view is
+    a possible refinement.
+
+    ``params`` (a ParameterDict of ``[N, ...]`` tensors), the per-parameter ``optimizers`` (Adam moments) and the
+    strategy's running ``state`` tensors are re-indexed the way gsplat's ``ops.split`` does: the kept Gaussians
+    first, then the children. New moments are zero. Returns the number of Gaussians split.
+    """
+    from gsplat.strategy.ops import _update_param_with_optimizer
+
+    from pepeseg3d_ns.render.rasterize import quat_to_rotmat
+
+    sel = torch.where(mask)[0]
+    rest = torch.where(~mask)[0]
+    if sel.numel() == 0:
+        return 0
+    log_scales = params["scales"][sel]
+    axis = log_scales.argmax(dim=-1)  # [S]
+    rot = quat_to_rotmat(params["quats"][sel])  # [S, 3, 3], columns = local axes in world
+    ar = torch.arange(sel.numel(), device=sel.device)
+    direction = rot[ar, :, axis]  # [S, 3]
+    sigma = log_scales[ar, axis].exp()  # [S]
+    offset = (CHILD_OFFSET * sigma)[:, None] * direction
+    child_scales = log_scales.clone()
+    child_scales[ar, axis] -= torch.log(torch.tensor(2.0, dtype=log_scales.dtype, device=log_scales.device))
+
+    def param_fn(name: str, p: Tensor) -> Tensor:
+        if name == "means":
+            children = torch.cat([p[sel] + offset, p[sel] - offset])
+        elif name == "scales":
+            children = torch.cat([child_scales, child_scales])
+        else:
+            children = torch.cat([p[sel], p[sel]])
+        return torch.nn.Parameter(torch.cat([p[rest], children]))
+
+    def optimizer_fn(key: str, v: Tensor) -> Tensor:
+        return torch.cat([v[rest], torch.zeros((2 * sel.numel(), *v.shape[1:]), dtype=v.dtype, device=v.device)])
+
+    names = [k for k in params.keys() if k in optimizers]
+    _update_param_with_optimizer(param_fn, optimizer_fn, params, optimizers, names)
+    for k in params.keys():
+        if k not in optimizers:  # parameters without an optimizer still need the new layout
+            params[k] = param_fn(k, params[k])
+    for k, v in state.items():
+        if isinstance(v, Tensor) and v.shape[:1] == mask.shape:
+            state[k] = torch.cat([v[rest], v[sel], v[sel]])
+    return int(sel.numel())
