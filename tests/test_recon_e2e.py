@@ -175,3 +175,36 @@ def test_pepe_recon_requires_priors(tiny_scene, tmp_path):
     config = make_config(bare, tmp_path / "runs", steps=10, device="cpu")
     with pytest.raises(PriorCacheError, match="pepeseg3d priors --data"):
         config.pipeline.datamanager.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+
+
+def test_boundary_refinement_splits_in_a_training_step(tiny_scene, tmp_path):
+    from nerfstudio.engine.optimizers import Optimizers
+
+    from pepeseg3d_ns.demo import make_config
+
+    config = make_config(tiny_scene, tmp_path / "runs", steps=100, device="cpu")
+    config.pipeline.model.refine_start = 0
+    config.pipeline.model.refine_close_fraction = 0.5
+    pipeline = config.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+    pipeline.train()
+    model = pipeline.model
+    optimizers = Optimizers(config.optimizers, model.get_param_groups())
+    model.step_cb(optimizers, 0)
+    n_before = model.num_points
+    _, loss_dict, metrics = pipeline.get_train_loss_dict(step=0)
+    sum(loss_dict.values()).backward()
+    optimizers.optimizer_step_all()
+    model.step_post_backward(0)
+    assert model._last_splits > 0
+    assert model.num_points == n_before + model._last_splits
+    for name in ("means", "scales", "quats", "opacities"):  # optimizer state follows the new layout
+        p = model.gauss_params[name]
+        assert optimizers.optimizers[name].state[p]["exp_avg"].shape == p.shape
+    # outside the window nothing is split
+    config.pipeline.model.refine_start = 10_000
+    model.step_cb(optimizers, 1)
+    _, loss_dict, _ = pipeline.get_train_loss_dict(step=1)
+    sum(loss_dict.values()).backward()
+    optimizers.optimizer_step_all()
+    model.step_post_backward(1)
+    assert model._last_splits == 0

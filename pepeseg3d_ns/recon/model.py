@@ -263,6 +263,14 @@ class PepeReconModelConfig(PepeSplatfactoModelConfig):
     """lambda_d: weight of the scale/shift-invariant depth loss against the depth prior (0 disables it)."""
     depth_min_alpha: float = 0.5
     """Pixels whose rendered opacity is below this are left out of the depth loss."""
+    refine_boundaries: bool = True
+    """Boundary-guided refinement: split near-surface Gaussians whose projected major axis crosses a SAM mask edge."""
+    refine_start: int = 4000
+    """First step of boundary-guided refinement."""
+    refine_views_factor: float = 2.0
+    """Refinement lasts refine_views_factor x (number of training views) steps, one view per step."""
+    refine_close_fraction: float = 0.1
+    """lambda_close: only this fraction of the view's Gaussians, those nearest the rendered surface, may split."""
 
 
 class PepeReconModel(PepeSplatfactoModel):
@@ -271,7 +279,11 @@ class PepeReconModel(PepeSplatfactoModel):
     config: PepeReconModelConfig
 
     def _depth_in_training(self) -> bool:
-        return self.config.output_depth_during_training or self.config.depth_loss_weight > 0
+        return (
+            self.config.output_depth_during_training
+            or self.config.depth_loss_weight > 0
+            or (self.training and self._refining(self.step))
+        )
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, torch.Tensor]:
         """Splatfacto's photometric losses plus ``depth_loss = lambda_d * L_depth`` when the batch carries a
@@ -296,3 +308,44 @@ class PepeReconModel(PepeSplatfactoModel):
         loss, _, _ = depth_prior_loss(depth, prior.to(depth), valid)
         loss_dict["depth_loss"] = self.config.depth_loss_weight * loss
         return loss_dict
+
+    # ------------------------------------------------------------------ boundary-guided refinement
+    def _refining(self, step: int) -> bool:
+        cfg = self.config
+        end = cfg.refine_start + int(cfg.refine_views_factor * self.num_train_data)
+        return cfg.refine_boundaries and cfg.refine_start <= step < end
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
+        """Splatfacto's metrics; during the refinement window also stashes this view's SAM masks and rendered
+        depth for :meth:`step_post_backward`, and reports the last step's ``refine_splits``."""
+        metrics = super().get_metrics_dict(outputs, batch)
+        self._refine_inputs = None
+        if self.training and self._refining(self.step) and "sam_masks" in batch and outputs.get("depth") is not None:
+            from pepeseg3d_ns.data.datamanager import downscale_prior_batch
+
+            masks = downscale_prior_batch(batch, self._get_downscale_factor())["sam_masks"]
+            self._refine_inputs = (masks, outputs["depth"][..., 0].detach())
+        metrics["refine_splits"] = float(getattr(self, "_last_splits", 0))
+        return metrics
+
+    def step_post_backward(self, step):
+        """Splatfacto's densification, then (inside the refinement window) boundary-guided splits in this
+        step's view."""
+        super().step_post_backward(step)
+        self._last_splits = 0
+        inputs = getattr(self, "_refine_inputs", None)
+        if inputs is None or not self._refining(step):
+            return
+        from pepeseg3d_ns.recon.refine import crosses_mask_boundary, near_surface, split_along_major_axis
+
+        masks, depth = inputs
+        info = self.info
+        n = self.num_points
+        if info["means2d"].shape[1] != n:  # densification changed the set this step; next view then
+            return
+        means2d, conics = info["means2d"][0].detach(), info["conics"][0].detach()
+        radii, depths = info["radii"][0], info["depths"][0].detach()
+        near = near_surface(depths, means2d, radii, depth, self.config.refine_close_fraction)
+        split = near & crosses_mask_boundary(means2d, conics, masks)
+        self._last_splits = split_along_major_axis(self.gauss_params, self.optimizers, self.strategy_state, split)
+        self._refine_inputs = None
