@@ -108,7 +108,8 @@ class Scales:
 
         _, pipeline, ckpt, step = eval_setup(self.load_config, test_mode="val")
         dm = pipeline.datamanager
-        cache = PriorCache.open(dm.config.priors_dir or dm.config.dataparser.data)
+        # the datamanager opened and validated the cache already, unless the run had priors="off"
+        cache = dm.train_dataset.prior_cache or PriorCache.open(dm.prior_cache_location())
         stems = [Path(p).stem for p in dm.train_dataset.image_filenames]
         scene = compute_scene_scales(
             cache, stems, rendered_depth_fn(pipeline, self.min_alpha),

@@ -104,14 +104,18 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
         dataset.prior_cache = self._open_prior_cache(dataset, "eval")
         return dataset
 
+    def prior_cache_location(self) -> Path:
+        """``priors_dir``, else the data folder (which holds ``pepe_priors/``)."""
+        data_dir = Path(self.config.data or self.config.dataparser.data)
+        return self.config.priors_dir or (data_dir if data_dir.is_dir() else data_dir.parent)
+
     def _open_prior_cache(self, dataset: PepeDataset, split: str):
         """The validated prior cache for ``dataset``'s images, or None (``priors="off"``, or "auto" without one)."""
         if self.config.priors == "off":
             return None
         from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
 
-        data_dir = Path(self.config.data or self.config.dataparser.data)
-        location = self.config.priors_dir or (data_dir if data_dir.is_dir() else data_dir.parent)
+        location = self.prior_cache_location()
         try:
             cache = PriorCache.open(location)
         except PriorCacheError:
