@@ -69,6 +69,28 @@ class Demo:
 
 
 @dataclass
+class ReconAblation:
+    """Four pepe-recon runs on one synthetic scene (depth loss on/off x boundary refinement on/off), each evaluated
+    on held-out views against ground-truth depth: PSNR, depth abs-rel, inverse-depth Pearson r, and both near
+    object edges. Writes OUTPUT_DIR/recon_ablation.md and .json; finished rows are reused on a re-run."""
+
+    output_dir: Path = Path("ablation_out")
+    scene: str = "tabletop"
+    resolution: int = 128
+    n_views: int = 40
+    steps: int = 2000
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    band: int = 1
+    """Edge band half-width in pixels around ground-truth object boundaries."""
+
+    def main(self) -> None:
+        from pepeseg3d_ns.recon.ablation import format_ablation, run_recon_ablation
+
+        print(format_ablation(run_recon_ablation(**dataclasses.asdict(self))))
+
+
+@dataclass
 class BenchRender:
     """Time the rasterizer's forward and forward+backward and record peak memory, for several scene sizes."""
 
@@ -148,7 +170,8 @@ class BenchPriors:
 def entrypoint() -> None:
     """Console script ``pepeseg3d``."""
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "bench-render": BenchRender,
+        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation,
+         "bench-render": BenchRender,
          "bench-priors": BenchPriors},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
     )

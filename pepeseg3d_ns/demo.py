@@ -18,28 +18,18 @@ import torch
 
 
 def short_schedule(config, steps: int):
-    """Adapt splatfacto's 30k-step schedule to ``steps`` iterations (in place; returns ``config``).
+    """Set ``config`` up for a ``steps``-iteration run (in place; returns ``config``): the schedule of
+    :func:`pepeseg3d_ns.schedule.scale_schedule` (what ``ns-train`` applies for ``--max-num-iterations``), plus
+    twice splatfacto's densification gradient threshold."""
+    from pepeseg3d_ns.schedule import scale_schedule
 
-    Full resolution from the start (no 1/4-resolution warm-up), densification from 10 % to 60 % of the run,
-    opacity reset every ~1/3 of the run but never in the last 40 %, SH degree raised every 1/8 of the run,
-    twice splatfacto's densification gradient threshold.
-    """
-    model = config.pipeline.model
     config.max_num_iterations = steps
-    model.num_downscales = 0
-    model.warmup_length = max(100, steps // 10)
-    model.refine_every = 100
-    model.stop_split_at = int(0.6 * steps)
-    model.reset_alpha_every = max(10, steps // 300)  # in units of refine_every
-    model.sh_degree_interval = max(100, steps // 8)
-    model.stop_screen_size_at = steps
+    scale_schedule(config, steps)
     # at ~128 px the default threshold (tuned for 30k steps at ~1k px) grows >130k Gaussians in 3k steps;
     # doubling it halves the count for a fraction of a dB (docs/benchmarks.md)
-    model.densify_grad_thresh = 2 * model.densify_grad_thresh
-    for group in config.optimizers.values():
-        sched = group.get("scheduler")
-        if sched is not None and hasattr(sched, "max_steps"):
-            sched.max_steps = steps
+    model = config.pipeline.model
+    if model.densify_grad_thresh == type(model)().densify_grad_thresh:
+        model.densify_grad_thresh = 2 * model.densify_grad_thresh
     return config
 
 

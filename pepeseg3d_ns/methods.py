@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
-from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
 from nerfstudio.plugins.types import MethodSpecification
 
@@ -16,6 +15,7 @@ from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
 from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
 from pepeseg3d_ns.recon.model import PepeReconModelConfig
 from pepeseg3d_ns.schedulers import FloatExponentialDecaySchedulerConfig as ExponentialDecaySchedulerConfig
+from pepeseg3d_ns.trainer import PepeTrainerConfig
 
 
 def gaussian_optimizers(max_steps: int) -> dict:
@@ -40,7 +40,7 @@ def gaussian_optimizers(max_steps: int) -> dict:
 
 
 pepe_recon = MethodSpecification(
-    config=TrainerConfig(
+    config=PepeTrainerConfig(
         method_name="pepe-recon",
         steps_per_eval_image=100,
         steps_per_eval_batch=0,

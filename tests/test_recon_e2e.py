@@ -26,8 +26,8 @@ def tiny_scene(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_scene, tmp_path_factory) -> Path:
-    """300 steps of pepe-recon (depth loss on) on a 48 px scene (densification and an opacity reset happen in
-    that window)."""
+    """300 steps of pepe-recon (depth loss on) on a 48 px scene: densification, an opacity reset and (with the
+    schedule scaled to 300 steps) boundary-guided refinement in steps 100-123 (2 x 12 views) all happen."""
     from nerfstudio.scripts.train import train_loop
 
     from pepeseg3d_ns.demo import make_config
@@ -71,6 +71,33 @@ def test_short_training_run_converges_and_reloads(trained_run):
     assert len(ckpts) == 1
     state = torch.load(ckpts[0], map_location="cpu")  # weights_only=True on torch >= 2.6
     assert "pipeline" in state
+
+
+def _scalars(run_dir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_short_run_logs_depth_loss_and_refines(trained_run):
+    """The schedule follows --max-num-iterations, so a 300-step run crosses the refinement window; the
+    run logs depth_loss, Gaussian count and split counts; the saved config holds the scaled schedule."""
+    import yaml
+
+    run_dir = trained_run.parent
+    config = yaml.load(trained_run.read_text(), Loader=yaml.Loader)
+    assert config.pipeline.model.refine_start == 100
+    assert config.optimizers["means"]["scheduler"].max_steps == 300
+    assert _scalars(run_dir, "Train Loss Dict/depth_loss"), "depth_loss was not logged"
+    counts = _scalars(run_dir, "Train Metrics Dict/gaussian_count")
+    assert counts and counts[-1][1] > 500
+    total = _scalars(run_dir, "Train Metrics Dict/refine_splits_total")
+    assert total, "refine_splits_total was not logged"
+    before = [v for s, v in total if s <= 100]
+    assert all(v == 0 for v in before), total
+    assert total[-1][1] > 0, f"no Gaussian was split by boundary-guided refinement: {total}"
 
 
 def test_ns_eval_cli_on_cpu_checkpoint(trained_run, tmp_path):

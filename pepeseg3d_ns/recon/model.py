@@ -317,7 +317,8 @@ class PepeReconModel(PepeSplatfactoModel):
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
         """Splatfacto's metrics; during the refinement window also stashes this view's SAM masks and rendered
-        depth for :meth:`step_post_backward`, and reports the last step's ``refine_splits``."""
+        depth for :meth:`step_post_backward`, and reports the last step's ``refine_splits`` and the run's
+        ``refine_splits_total`` so far."""
         metrics = super().get_metrics_dict(outputs, batch)
         self._refine_inputs = None
         if self.training and self._refining(self.step) and "sam_masks" in batch and outputs.get("depth") is not None:
@@ -326,6 +327,7 @@ class PepeReconModel(PepeSplatfactoModel):
             masks = downscale_prior_batch(batch, self._get_downscale_factor())["sam_masks"]
             self._refine_inputs = (masks, outputs["depth"][..., 0].detach())
         metrics["refine_splits"] = float(getattr(self, "_last_splits", 0))
+        metrics["refine_splits_total"] = float(getattr(self, "_total_splits", 0))
         return metrics
 
     def step_post_backward(self, step):
@@ -348,4 +350,5 @@ class PepeReconModel(PepeSplatfactoModel):
         near = near_surface(depths, means2d, radii, depth, self.config.refine_close_fraction)
         split = near & crosses_mask_boundary(means2d, conics, masks)
         self._last_splits = split_along_major_axis(self.gauss_params, self.optimizers, self.strategy_state, split)
+        self._total_splits = getattr(self, "_total_splits", 0) + self._last_splits
         self._refine_inputs = None

@@ -1,0 +1,42 @@
+"""The trainer of the PePESeg3D methods: nerfstudio's, with schedules that follow ``--max-num-iterations``
+(:mod:`pepeseg3d_ns.schedule`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Type
+
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+
+
+@dataclass
+class PepeTrainerConfig(TrainerConfig):
+    """nerfstudio's TrainerConfig plus :attr:`scale_schedule`."""
+
+    _target: Type = field(default_factory=lambda: PepeTrainer)
+    scale_schedule: bool = True
+    """Rescale the step-valued schedule (warm-up, densification, opacity reset, SH degree, refinement start,
+    learning-rate decay) to --max-num-iterations; fields you set yourself are kept. False: splatfacto's 30k-step
+    numbers as they are."""
+
+
+class PepeTrainer(Trainer):
+    """Applies :func:`pepeseg3d_ns.schedule.scale_schedule` before the pipeline is built and re-saves
+    ``config.yml`` so it holds the values the run used."""
+
+    config: PepeTrainerConfig
+
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        if getattr(self.config, "scale_schedule", False):
+            from pepeseg3d_ns.schedule import scale_schedule
+
+            changes = scale_schedule(self.config)
+            if changes:
+                CONSOLE.log(
+                    f"Schedule scaled to {self.config.max_num_iterations} steps (--scale-schedule False keeps "
+                    "splatfacto's): " + ", ".join(f"{k.split('.')[-1] if 'model' in k else k}={new}" for k, _, new in changes)
+                )
+                if self.local_rank == 0 and test_mode == "val":
+                    self.config.save_config()
+        super().setup(test_mode=test_mode)
