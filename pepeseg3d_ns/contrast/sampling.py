@@ -1,0 +1,504 @@
+"""Pixel and pair sampling of pepe-contrast (PePESeg3D stage 2). Pure functions of tensors (torch only).
+
+Per training step the model has one view ``H x W`` with its SAM masks ``masks: bool [M, H, W]``, their scales
+``mask_scales: float [M]`` (``s_M`` in ``[0, 1]``; NaN/inf = unknown, such a mask is treated as absent everywhere
+in this module), their pixel areas ``mask_areas: [M]``, and ``P`` sampled pixels ``pix: long [P]`` (flat indices
+``y * W + x`` into ``H * W``). From those this module builds:
+
+* ``membership``      -- ``member: bool [P, M]``, which masks contain each sampled pixel;
+* ``pixel_weights``   -- ``omega(p)`` (paper eq. 7);
+* ``active_labels``   -- ``Lambda(s, p)``, the finest mask containing ``p`` whose scale is ``>= s``;
+* ``pair_targets``    -- positive / hard / valid flags of pairs ``(i, j)`` at per-pair scales ``s``;
+* ``sample_pairs``    -- pairs ``(i, j, s)`` with uniform scales and over-sampled hard pairs;
+* ``radius_px`` / ``perception_pairs`` -- window partners and adaptive depth/colour thresholds (paper eq. 4).
+
+Indices ``i, j, rows`` always index the *sampled* pixels (rows of ``member``), not the image.
+
+Randomness: every random draw takes an optional ``torch.Generator``; numbers are drawn on the generator's device
+(CPU when none is given: then on the device of the inputs) and moved to the inputs' device, so results are
+reproducible given the generator's seed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+ScaleLike = Union[float, Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_member(member: Tensor) -> Tensor:
+    if not isinstance(member, Tensor) or member.dim() != 2:
+        raise ValueError(f"member must be a [P, M] tensor, got shape {tuple(getattr(member, 'shape', ()))}")
+    return member.bool()
+
+
+def _check_scales(mask_scales: Tensor, m: int, name: str = "mask_scales") -> Tensor:
+    if not isinstance(mask_scales, Tensor) or mask_scales.dim() != 1 or mask_scales.shape[0] != m:
+        raise ValueError(f"{name} must be a [M] tensor with M={m}, got shape {tuple(getattr(mask_scales, 'shape', ()))}")
+    if not mask_scales.is_floating_point():
+        mask_scales = mask_scales.float()
+    return mask_scales
+
+
+def _check_index(idx: Tensor, n: int, name: str) -> Tensor:
+    if not isinstance(idx, Tensor) or idx.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D long tensor, got shape {tuple(getattr(idx, 'shape', ()))}")
+    if idx.is_floating_point() or idx.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {idx.dtype}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"{name} has entries outside [0, {n}): min {int(idx.min())}, max {int(idx.max())}")
+    return idx.long()
+
+
+def _broadcast_scale(s: ScaleLike, k: int, device: torch.device, name: str = "s") -> Tensor:
+    s_t = torch.as_tensor(s, dtype=torch.float32, device=device)
+    if s_t.dim() == 0:
+        return s_t.expand(k)
+    if s_t.dim() != 1 or s_t.shape[0] != k:
+        raise ValueError(f"{name} must be a scalar or a [K] tensor with K={k}, got shape {tuple(s_t.shape)}")
+    return s_t
+
+
+def _rand(n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    """``n`` uniform floats in ``[0, 1)`` (float64), drawn on the generator's device, returned on ``device``."""
+    gen_dev = generator.device if generator is not None else device
+    return torch.rand(n, generator=generator, device=gen_dev, dtype=torch.float64).to(device)
+
+
+def _randint_below(high: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Independent uniform integers ``u[k]`` in ``[0, high[k])`` for a long tensor ``high [K]`` (all ``>= 1``)."""
+    u = _rand(high.shape[0], generator, high.device)
+    return torch.minimum((u * high.double()).long(), high - 1)
+
+
+def mask_rank(mask_scales: Tensor, mask_areas: Optional[Tensor] = None) -> Tensor:
+    """Rank of every mask in the "finest first" order used by :func:`active_labels`.
+
+    Args:
+        mask_scales: ``float [M]``; non-finite scales sort last.
+        mask_areas: optional ``[M]`` pixel areas (tie-break: smaller area first); ``None`` = no area tie-break.
+
+    Returns:
+        ``long [M]``: ``rank[m]`` is the position of mask ``m`` when masks are sorted by (scale ascending, area
+        ascending, index ascending). Ranks are a permutation of ``0..M-1``.
+    """
+    m = mask_scales.shape[0]
+    dev = mask_scales.device
+    order = torch.arange(m, device=dev)
+    keys = [torch.where(torch.isfinite(mask_scales), mask_scales.double(), torch.full_like(mask_scales.double(), float("inf")))]
+    if mask_areas is not None:
+        keys.insert(0, mask_areas.to(dev).double())  # applied first, so it is the secondary key
+    # lexicographic order by successive stable sorts, least significant key first (index order is the start)
+    for key in keys:
+        _, perm = torch.sort(key[order], stable=True)
+        order = order[perm]
+    rank = torch.empty(m, dtype=torch.long, device=dev)
+    rank[order] = torch.arange(m, device=dev)
+    return rank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# membership, weights, labels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def membership(masks: Tensor, pix: Tensor) -> Tensor:
+    """Which masks contain each sampled pixel.
+
+    Args:
+        masks: ``[M, H, W]`` SAM masks (bool, or any dtype where nonzero = inside). ``M`` may be 0.
+        pix: ``long [P]`` flat pixel indices ``y * W + x`` in ``[0, H * W)``.
+
+    Returns:
+        ``bool [P, M]``: ``member[p, m]`` is True when pixel ``pix[p]`` lies inside mask ``m``.
+    """
+    if not isinstance(masks, Tensor) or masks.dim() != 3:
+        raise ValueError(f"masks must be a [M, H, W] tensor, got shape {tuple(getattr(masks, 'shape', ()))}")
+    m, h, w = masks.shape
+    pix = _check_index(pix, h * w, "pix").to(masks.device)
+    return masks.reshape(m, h * w).bool()[:, pix].t().contiguous()
+
+
+def pixel_weights(
+    member: Tensor, mask_areas: Tensor, mask_scales: Optional[Tensor] = None, w_min: float = 1.0, w_max: float = 10.0
+) -> Tensor:
+    """Pixel weights ``omega(p)`` of paper eq. 7: pixels inside small masks weigh more.
+
+    ``raw(p) = 1 / mean_{m : member[p, m]} mask_areas[m]`` (the inverse of the mean area of the masks covering
+    ``p``), then min-max normalised over the covered sampled pixels to ``[w_min, w_max]`` = ``[1, 10]``:
+    ``omega(p) = w_min + (w_max - w_min) * (raw(p) - min raw) / (max raw - min raw)``. When all covered pixels
+    have the same ``raw`` (or only one is covered), every covered pixel gets ``w_min`` = 1. Pixels covered by no
+    mask get weight 0 (they are excluded from the contrastive loss anyway).
+
+    Args:
+        member: ``bool [P, M]`` from :func:`membership`.
+        mask_areas: ``[M]`` pixel areas of the masks (any real dtype, must be ``> 0`` for masks that are used).
+        mask_scales: optional ``float [M]``; when given, masks with a non-finite scale are ignored (absent).
+
+    Returns:
+        ``float32 [P]`` weights on ``member``'s device.
+    """
+    member = _check_member(member)
+    p, m = member.shape
+    if not isinstance(mask_areas, Tensor) or mask_areas.shape != (m,):
+        raise ValueError(f"mask_areas must be a [M] tensor with M={m}, got shape {tuple(getattr(mask_areas, 'shape', ()))}")
+    if not w_max >= w_min:
+        raise ValueError(f"need w_max >= w_min, got [{w_min}, {w_max}]")
+    areas = mask_areas.to(member.device).double()
+    if mask_scales is not None:
+        member = member & torch.isfinite(_check_scales(mask_scales, m)).to(member.device)[None, :]
+    used = member.any(0)
+    if bool(used.any()) and not bool(torch.all(torch.isfinite(areas[used]) & (areas[used] > 0))):
+        raise ValueError("mask_areas must be finite and > 0 for every mask that covers a sampled pixel")
+    count = member.sum(1)
+    covered = count > 0
+    out = torch.zeros(p, dtype=torch.float32, device=member.device)
+    if not bool(covered.any()):
+        return out
+    area_sum = (member.double() * torch.where(used, areas, torch.zeros_like(areas))[None, :]).sum(1)
+    raw = count[covered].double() / area_sum[covered]  # 1 / mean area
+    lo, hi = raw.min(), raw.max()
+    if float(hi - lo) <= 1e-12 * float(hi):
+        out[covered] = float(w_min)
+    else:
+        out[covered] = (w_min + (w_max - w_min) * (raw - lo) / (hi - lo)).float()
+    return out
+
+
+def active_labels(
+    member: Tensor, mask_scales: Tensor, s: ScaleLike, rows: Tensor, mask_areas: Optional[Tensor] = None
+) -> Tensor:
+    """Active label ``Lambda(s_k, p_k)``: the finest mask containing sampled pixel ``rows[k]`` with ``s_M >= s_k``.
+
+    "Finest" = smallest ``s_M``; ties broken by smallest area (when ``mask_areas`` is given), then lowest mask
+    index. Masks with a non-finite scale never count.
+
+    Args:
+        member: ``bool [P, M]`` from :func:`membership`.
+        mask_scales: ``float [M]``.
+        s: scale per query, a float or ``float [K]`` (a 0-d tensor/float is broadcast to ``K``).
+        rows: ``long [K]`` rows of ``member`` (indices of sampled pixels).
+        mask_areas: optional ``[M]`` areas for the tie-break.
+
+    Returns:
+        ``long [K]``: mask index in ``[0, M)``, or ``-1`` when no mask containing the pixel has ``s_M >= s_k``.
+    """
+    member = _check_member(member)
+    p, m = member.shape
+    dev = member.device
+    scales = _check_scales(mask_scales, m).to(dev)
+    rows = _check_index(rows, p, "rows").to(dev)
+    k = rows.shape[0]
+    s_t = _broadcast_scale(s, k, dev)
+    if m == 0 or k == 0:
+        return torch.full((k,), -1, dtype=torch.long, device=dev)
+    rank = mask_rank(scales, None if mask_areas is None else mask_areas.to(dev))
+    cand = member[rows] & torch.isfinite(scales)[None, :] & (scales[None, :] >= s_t[:, None])  # [K, M]
+    key = torch.where(cand, rank[None, :], torch.full_like(rank[None, :], m))
+    best_rank = key.min(1).values
+    inv = torch.empty_like(rank)
+    inv[rank] = torch.arange(m, device=dev)  # rank -> mask index
+    return torch.where(best_rank < m, inv[best_rank.clamp(max=m - 1)], torch.full_like(best_rank, -1))
+
+
+def pair_targets(
+    member: Tensor,
+    mask_scales: Tensor,
+    i: Tensor,
+    j: Tensor,
+    s: ScaleLike,
+    mask_areas: Optional[Tensor] = None,
+) -> Dict[str, Tensor]:
+    """Targets of pairs ``(i[k], j[k])`` of sampled pixels at scales ``s[k]`` (the grouping ``G`` of eq. 3/8).
+
+    With ``A = {m : s_m finite}``, ``Lambda`` from :func:`active_labels` and
+    ``finer(k) = exists m in A: member[i_k, m] and member[j_k, m] and s_m < s_k`` (a common mask strictly finer
+    than ``s_k``; being grouped at a finer scale implies being grouped at ``s_k``):
+
+    * ``valid[k]    = covered(i_k) and covered(j_k) and i_k != j_k``, where ``covered(p)`` = ``p`` lies in at least
+      one mask of ``A``;
+    * ``same[k]     = Lambda(s_k, i_k) == Lambda(s_k, j_k) >= 0``;
+    * ``positive[k] = valid[k] and (same[k] or finer(k))``;
+    * ``hard[k]     = valid[k] and same[k] and not finer(k)`` -- positive only because of the scale: at any scale
+      below the common label's scale the two pixels would be negatives.
+
+    Every valid pair that is not positive is a negative. ``positive`` and ``hard`` are False on invalid pairs.
+
+    Args:
+        member: ``bool [P, M]``; mask_scales: ``float [M]``; i, j: ``long [K]`` rows of ``member``;
+        s: float or ``float [K]``; mask_areas: optional ``[M]`` (tie-break of :func:`active_labels`).
+
+    Returns:
+        dict with ``positive``, ``hard``, ``valid`` (each ``bool [K]``) and ``label_i``, ``label_j``
+        (``long [K]``, the active labels, -1 = none).
+    """
+    member = _check_member(member)
+    p, m = member.shape
+    dev = member.device
+    scales = _check_scales(mask_scales, m).to(dev)
+    i = _check_index(i, p, "i").to(dev)
+    j = _check_index(j, p, "j").to(dev)
+    if i.shape != j.shape:
+        raise ValueError(f"i and j must have the same shape, got {tuple(i.shape)} and {tuple(j.shape)}")
+    k = i.shape[0]
+    s_t = _broadcast_scale(s, k, dev)
+    finite = torch.isfinite(scales)
+    known = member & finite[None, :]
+    covered = known.any(1)
+    valid = covered[i] & covered[j] & (i != j)
+    li = active_labels(member, scales, s_t, i, mask_areas)
+    lj = active_labels(member, scales, s_t, j, mask_areas)
+    same = (li == lj) & (li >= 0)
+    finer = (known[i] & known[j] & (scales[None, :] < s_t[:, None])).any(1)
+    return {
+        "positive": valid & (same | finer),
+        "hard": valid & same & ~finer,
+        "valid": valid,
+        "label_i": li,
+        "label_j": lj,
+    }
+
+
+def sample_pairs(
+    member: Tensor,
+    mask_scales: Tensor,
+    n_pairs: int,
+    hard_fraction: float = 0.25,
+    candidate_factor: int = 8,
+    generator: Optional[torch.Generator] = None,
+    mask_areas: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sample ``n_pairs`` training pairs ``(i, j, s)`` among covered sampled pixels, over-sampling hard pairs.
+
+    Procedure: let ``V`` be the covered rows (pixels in at least one mask with a finite scale). Draw
+    ``N_c = candidate_factor * n_pairs`` i.i.d. candidates: ``i`` uniform in ``V``, ``j`` uniform in ``V \\ {i}``,
+    ``s ~ U(0, 1)``. The first ``n_u = n_pairs - round(hard_fraction * n_pairs)`` candidates are kept as they are
+    (the uniform part, which contains hard pairs at their natural rate); from the remaining ``N_c - n_u``
+    candidates the hard ones (:func:`pair_targets`) are taken in draw order up to ``n_h = n_pairs - n_u``; if
+    fewer exist, the shortfall is filled with the first non-hard remaining candidates. The result is shuffled.
+    So the output holds at least ``min(n_h, #hard in the pool)`` hard pairs plus the uniform part's own.
+
+    Args:
+        member: ``bool [P, M]``; mask_scales: ``float [M]``.
+        n_pairs: number of pairs ``K`` to return (``>= 0``).
+        hard_fraction: share of the output reserved for hard candidates, in ``[0, 1]`` (0 = plain uniform).
+        candidate_factor: candidates drawn per output pair (``>= 1``).
+        generator: optional ``torch.Generator``; the result is a deterministic function of its state.
+        mask_areas: optional ``[M]`` for the active-label tie-break.
+
+    Returns:
+        ``i, j``: ``long [K]`` rows of ``member`` with ``i != j``; ``s``: ``float32 [K]`` scales in ``[0, 1)``.
+        When fewer than 2 pixels are covered, all three are empty (``K = 0``).
+    """
+    member = _check_member(member)
+    p, m = member.shape
+    dev = member.device
+    scales = _check_scales(mask_scales, m).to(dev)
+    if int(n_pairs) != n_pairs or n_pairs < 0:
+        raise ValueError(f"n_pairs must be a non-negative integer, got {n_pairs}")
+    if not 0.0 <= hard_fraction <= 1.0:
+        raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+    if int(candidate_factor) != candidate_factor or candidate_factor < 1:
+        raise ValueError(f"candidate_factor must be an integer >= 1, got {candidate_factor}")
+    n_pairs, candidate_factor = int(n_pairs), int(candidate_factor)
+    covered_rows = torch.nonzero((member & torch.isfinite(scales)[None, :]).any(1)).flatten()
+    v = covered_rows.shape[0]
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    if v < 2 or n_pairs == 0:
+        return empty, empty.clone(), torch.zeros(0, dtype=torch.float32, device=dev)
+    n_c = candidate_factor * n_pairs
+    ia = _randint_below(torch.full((n_c,), v, dtype=torch.long, device=dev), generator)
+    off = 1 + _randint_below(torch.full((n_c,), v - 1, dtype=torch.long, device=dev), generator)
+    ja = (ia + off) % v
+    s_c = _rand(n_c, generator, dev).float()
+    i_c, j_c = covered_rows[ia], covered_rows[ja]
+    n_h = int(round(hard_fraction * n_pairs))
+    n_u = n_pairs - n_h
+    keep = torch.arange(n_u, device=dev)
+    if n_h > 0:
+        pool = torch.arange(n_u, n_c, device=dev)
+        hard = pair_targets(member, scales, i_c[pool], j_c[pool], s_c[pool], mask_areas)["hard"]
+        # hard ones first (in draw order), then the rest (in draw order); take n_h of them
+        order = torch.argsort((~hard).to(torch.int8), stable=True)
+        keep = torch.cat([keep, pool[order[:n_h]]])
+    shuffle = torch.argsort(_rand(n_pairs, generator, dev))
+    keep = keep[shuffle]
+    return i_c[keep], j_c[keep], s_c[keep]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# perception pairs (paper eq. 4)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def radius_px(s: ScaleLike, H: int, W: int, r_min: float = 2.0, r_max_frac: float = 0.25) -> Tensor:
+    """Window radius in pixels for scale ``s``: ``r(s) = max(1, round(r_min + clamp(s, 0, 1) * (r_max - r_min)))``.
+
+    ``r_max = max(r_min, r_max_frac * min(H, W))`` (defaults: ``r_min = 2`` px, ``r_max = 0.25 * min(H, W)``).
+    The window of radius ``r`` around ``p`` is the square ``[y - r, y + r] x [x - r, x + r]`` (clamped to the image).
+
+    Args:
+        s: float or ``float [P]``. H, W: image size.
+
+    Returns:
+        ``long`` tensor of ``s``'s shape (0-d for a float).
+    """
+    if H < 1 or W < 1:
+        raise ValueError(f"image size must be positive, got H={H}, W={W}")
+    s_t = torch.as_tensor(s, dtype=torch.float64)
+    r_max = max(float(r_min), r_max_frac * min(H, W))
+    r = torch.round(r_min + s_t.clamp(0.0, 1.0) * (r_max - r_min))
+    return r.clamp(min=1).long()
+
+
+class PerceptionPairs(NamedTuple):
+    """Output of :func:`perception_pairs` (all ``[P]``, on the input's device)."""
+
+    q: Tensor  # long [P]: flat index (y * W + x) of the partner pixel of each anchor
+    sim: Tensor  # bool [P]: similar in depth AND colour -> pulled together
+    dis: Tensor  # bool [P]: dissimilar in depth AND colour -> pushed apart
+    radius: Tensor  # long [P]: window radius r(s_p) used
+    theta_d: Tensor  # float [P]: depth threshold (normalised depth units)
+    theta_c: Tensor  # float [P]: colour threshold (RGB Euclidean units)
+
+
+def _integral(x: Tensor) -> Tensor:
+    """Zero-padded 2-D integral image of ``x [H, W, C]`` (float64): ``[H + 1, W + 1, C]``."""
+    h, w, c = x.shape
+    out = torch.zeros(h + 1, w + 1, c, dtype=torch.float64, device=x.device)
+    out[1:, 1:] = x.double().cumsum(0).cumsum(1)
+    return out
+
+
+def _box_sum(integral: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
+    """Sums over the inclusive boxes ``[y0, y1] x [x0, x1]`` (each ``long [P]``) -> ``[P, C]``."""
+    return integral[y1 + 1, x1 + 1] - integral[y0, x1 + 1] - integral[y1 + 1, x0] + integral[y0, x0]
+
+
+def normalise_depth(depth_prior: Tensor) -> Tensor:
+    """Per-image normalisation of a relative depth prior: ``(D - median(D)) / mean|D - median(D)|`` (float64).
+
+    A constant map becomes all zeros. ``depth_prior`` must be finite, any shape.
+    """
+    d = depth_prior.double()
+    med = d.flatten().median()
+    mad = (d - med).abs().mean()
+    if float(mad) <= 0.0:
+        return torch.zeros_like(d)
+    return (d - med) / mad
+
+
+def perception_pairs(
+    image: Tensor,
+    depth_prior: Tensor,
+    pix: Tensor,
+    s: ScaleLike,
+    radius_fn: Optional[Callable[[Tensor, int, int], Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+    k_depth: float = 1.0,
+    k_colour: float = 1.0,
+    eps: float = 1e-6,
+) -> PerceptionPairs:
+    """Window partners and adaptive similar/dissimilar decisions for the perception loss ``Lp`` (paper eq. 4).
+
+    For each anchor ``p = pix[k]`` with scale ``s_k``:
+
+    * ``r = radius_fn(s, H, W)[k]`` (default :func:`radius_px`); the window ``N(p)`` is the square of radius ``r``
+      around ``p`` clamped to the image; the partner ``q`` is uniform over ``N(p) \\ {p}``.
+    * Depth: ``D`` = :func:`normalise_depth` of the prior (median 0, mean absolute deviation 1 per image, so the
+      thresholds are scale-free). With the window statistics ``mu_D(p) = mean_N(p) D``,
+      ``sigma_D(p) = sqrt(mean_N(p) (D - mu_D)^2)``, the threshold is ``theta_d(p) = k_depth * sigma_D(p)``.
+    * Colour: ``sigma_C(p) = sqrt(sum_c var_N(p)(I_c))`` (square root of the summed per-channel variance over the
+      window = RMS Euclidean distance of the window's colours to their mean), ``theta_c(p) = k_colour * sigma_C(p)``.
+    * ``sim = |D(p) - D(q)| < theta_d and ||I(p) - I(q)||_2 < theta_c``;
+      ``dis = |D(p) - D(q)| > theta_d and ||I(p) - I(q)||_2 > theta_c``; pairs in neither are ignored by ``Lp``.
+    * A cue whose window std is ``<= eps`` (a flat window) counts as *similar* for that cue (and never
+      dissimilar): inside a flat window every partner has the anchor's value.
+
+    For a window holding two flat regions with values ``a, b`` and fractions ``f, 1 - f``,
+    ``sigma = |a - b| sqrt(f (1 - f)) <= |a - b| / 2``: with ``k = 1`` partners across the border are always
+    dissimilar and partners on the anchor's side always similar. Window means/variances come from integral images
+    (``O(HW)`` per call, independent of ``r``), evaluated at the anchors only.
+
+    Args:
+        image: ``float [H, W, 3]`` in ``[0, 1]``.
+        depth_prior: ``float [H, W]`` (or ``[H, W, 1]``) relative inverse depth, finite.
+        pix: ``long [P]`` anchor flat indices ``y * W + x``.
+        s: float or ``float [P]`` anchor scales in ``[0, 1]``.
+        radius_fn: ``(s [P], H, W) -> long [P]``; default :func:`radius_px`. Radii are clamped to ``>= 1``.
+        generator: optional ``torch.Generator`` for the partner draw.
+        k_depth, k_colour: threshold multipliers ``k`` (paper-style adaptive thresholds ``theta = k * sigma``).
+        eps: std below which a window is flat.
+
+    Returns:
+        :class:`PerceptionPairs` ``(q, sim, dis, radius, theta_d, theta_c)``.
+    """
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be [H, W, 3], got shape {tuple(getattr(image, 'shape', ()))}")
+    h, w, _ = image.shape
+    if h * w < 2:
+        raise ValueError(f"image must have at least 2 pixels, got {h}x{w}")
+    if not isinstance(depth_prior, Tensor):
+        raise ValueError("depth_prior must be a tensor")
+    if depth_prior.dim() == 3 and depth_prior.shape[-1] == 1:
+        depth_prior = depth_prior[..., 0]
+    if depth_prior.shape != (h, w):
+        raise ValueError(f"depth_prior must be [H, W] = [{h}, {w}], got shape {tuple(depth_prior.shape)}")
+    if not bool(torch.isfinite(depth_prior).all()):
+        raise ValueError("depth_prior has non-finite values")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("image has non-finite values")
+    dev = image.device
+    pix = _check_index(pix, h * w, "pix").to(dev)
+    n = pix.shape[0]
+    s_t = _broadcast_scale(s, n, dev)
+    fn = radius_fn if radius_fn is not None else radius_px
+    r = torch.as_tensor(fn(s_t, h, w), device=dev).long().reshape(-1)
+    if r.shape[0] != n:
+        raise ValueError(f"radius_fn returned {r.shape[0]} radii for {n} anchors")
+    r = r.clamp(min=1)
+
+    py, px = pix // w, pix % w
+    y0, y1 = (py - r).clamp(min=0), (py + r).clamp(max=h - 1)
+    x0, x1 = (px - r).clamp(min=0), (px + r).clamp(max=w - 1)
+    ww = x1 - x0 + 1
+    area = (y1 - y0 + 1) * ww  # >= 2 since r >= 1 and the image has >= 2 pixels
+    # partner: uniform over the window minus the anchor
+    u = _randint_below(area - 1, generator)
+    a_idx = (py - y0) * ww + (px - x0)
+    u = u + (u >= a_idx).long()
+    qy, qx = y0 + u // ww, x0 + u % ww
+    q = qy * w + qx
+
+    d = normalise_depth(depth_prior.to(dev))
+    img = image.double()
+    feats = torch.cat([d[..., None], d[..., None] ** 2, img, img**2], dim=-1)  # [H, W, 8]
+    sums = _box_sum(_integral(feats), y0, y1, x0, x1) / area[:, None].double()  # window means [P, 8]
+    var_d = (sums[:, 1] - sums[:, 0] ** 2).clamp(min=0)
+    var_c = (sums[:, 5:8] - sums[:, 2:5] ** 2).clamp(min=0).sum(1)
+    sig_d, sig_c = var_d.sqrt(), var_c.sqrt()
+    theta_d, theta_c = k_depth * sig_d, k_colour * sig_c
+
+    dd = (d[py, px] - d[qy, qx]).abs()
+    dc = (img[py, px] - img[qy, qx]).norm(dim=-1)
+    flat_d, flat_c = sig_d <= eps, sig_c <= eps
+    sim_d = flat_d | (dd < theta_d)
+    sim_c = flat_c | (dc < theta_c)
+    dis_d = ~flat_d & (dd > theta_d)
+    dis_c = ~flat_c & (dc > theta_c)
+    return PerceptionPairs(
+        q=q,
+        sim=sim_d & sim_c,
+        dis=dis_d & dis_c,
+        radius=r,
+        theta_d=theta_d.float(),
+        theta_c=theta_c.float(),
+    )
