@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -258,3 +260,45 @@ def test_perception_radius_grows_with_scale():
         return ((o.q % 64 - 32).abs().max(), (o.q // 64 - 32).abs().max())
 
     assert max(spread(small)) <= 2 and max(spread(large)) > 8
+
+
+def _reference_targets(member, scales, areas, i, j, s):
+    """Direct transcription of the definitions, one pair at a time (python loops)."""
+    M = member.shape[1]
+    usable = [m for m in range(M) if math.isfinite(scales[m].item())]
+
+    def label(p, sk):
+        cands = [m for m in usable if member[p, m] and scales[m].item() >= sk]
+        return min(cands, key=lambda m: (scales[m].item(), areas[m].item(), m)) if cands else -1
+
+    out = {"positive": [], "hard": [], "valid": [], "label_i": [], "label_j": []}
+    for a, b, sk in zip(i.tolist(), j.tolist(), s.tolist()):
+        valid = a != b and any(member[a, m] for m in usable) and any(member[b, m] for m in usable)
+        la, lb = label(a, sk), label(b, sk)
+        same = la == lb and la >= 0
+        finer = any(member[a, m] and member[b, m] and scales[m].item() < sk for m in usable)
+        out["valid"].append(valid)
+        out["positive"].append(valid and (same or finer))
+        out["hard"].append(valid and same and not finer)
+        out["label_i"].append(la)
+        out["label_j"].append(lb)
+    return out
+
+
+def test_pair_targets_match_brute_force_on_random_overlapping_masks():
+    g = torch.Generator().manual_seed(7)
+    P, M, K = 40, 12, 400
+    member = torch.rand(P, M, generator=g) < 0.3
+    # coarse grid of scales -> many ties (broken by area, then index); two unknown scales
+    scales = torch.randint(0, 5, (M,), generator=g).double() / 4
+    scales[[3, 8]] = NAN
+    areas = torch.randint(1, 4, (M,), generator=g).double()
+    i = torch.randint(0, P, (K,), generator=g)
+    j = torch.randint(0, P, (K,), generator=g)
+    s = torch.randint(0, 9, (K,), generator=g).double() / 8  # hits s == s_M exactly
+    got = pair_targets(member, scales, i, j, s, areas)
+    ref = _reference_targets(member, scales, areas, i, j, s)
+    for key, val in ref.items():
+        assert got[key].tolist() == val, key
+    assert active_labels(member, scales, s, i, areas).tolist() == ref["label_i"]
+    assert 0 < sum(ref["hard"]) < sum(ref["positive"]) < sum(ref["valid"])  # all cases occur
