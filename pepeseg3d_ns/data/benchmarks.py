@@ -506,6 +506,7 @@ class SpinNerfDataParser(DataParser):
             raise FileNotFoundError(
                 f"{img_dir} does not exist (downscale_factor={c.downscale_factor}); image folders in {data}: {have}"
             )
+        kind, gt_dir = self._gt_kind(data, img_dir)  # fail early on a missing mask folder
         notes: List[str] = []
         files = list_images(img_dir, "image folder")
         full = list_images(full_dir, "image folder") if full_dir.is_dir() and img_dir != full_dir else None
@@ -558,8 +559,7 @@ class SpinNerfDataParser(DataParser):
                 raise ValueError(f"image sizes differ from the camera model: {_fmt(bad)}")
         points = _colmap_points(model_dir) if (c.load_3D_points and model_dir.is_dir()) else None
 
-        # ---- ground truth: which set, which views
-        kind, gt_dir = self._gt_kind(data, img_dir)
+        # ---- ground truth: which views
         keep = np.arange(len(files))
         if kind == "inpainting":
             n_free = int(c.object_free_views)

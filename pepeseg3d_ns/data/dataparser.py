@@ -4,19 +4,25 @@ nerfstudio 1.1.5 reads ``ply_file_path`` with open3d, whose wheel needs system l
 that a minimal Linux install lacks: ``import open3d`` then fails and training stops before it starts.
 :class:`PepeDataParserConfig` is nerfstudio's ``nerfstudio-data`` parser with ``load_3D_points=True`` and a
 ``plyfile``-based reader, so pip alone is enough.
+
+Scenes made by :mod:`pepeseg3d_ns.data.synthetic` also get their ground truth indexed in
+``DataparserOutputs.metadata["gt_masks"]`` (a :class:`~pepeseg3d_ns.data.gt_masks.GtMasks` of instance-id maps
+per hierarchy level), like the benchmark parsers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Type
+from typing import Dict, List, Optional, Type
 
 import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio, NerfstudioDataParserConfig
+
+from pepeseg3d_ns.data.gt_masks import GtMasks, index_id_maps
 
 
 def read_ply_points(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -46,6 +52,42 @@ def read_ply_points(path: Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
     return xyz, rgb
 
 
+def synthetic_gt_masks(scene_dir: Path, image_filenames: List[Path], split: str) -> Optional[GtMasks]:
+    """Ground-truth index of a synthetic scene (``gt/hierarchy.json`` + ``gt/<level>/<stem>.png`` id maps), or
+    None for a scene without ``gt/``.
+
+    Every image of the split gets the id map of each level (``parts``, ``objects``, ``groups``) with the same
+    stem; the "objects" of a level are the instance ids present (0 = background excluded). A ``gt/`` folder
+    whose maps do not cover every image is an error listing the missing files.
+    """
+    from pepeseg3d_ns.data.synthetic import LEVELS
+
+    gt_dir = Path(scene_dir) / "gt"
+    if not (gt_dir / "hierarchy.json").exists():
+        return None
+    id_maps: Dict[str, Dict[int, Path]] = {}
+    missing: List[str] = []
+    for level in LEVELS:
+        id_maps[level] = {}
+        for i, f in enumerate(image_filenames):
+            p = gt_dir / level / f"{Path(f).stem}.png"
+            if p.exists():
+                id_maps[level][i] = p
+            else:
+                missing.append(f"{level}/{p.name}")
+    if missing:
+        raise ValueError(f"{gt_dir} lacks instance-id maps for images of split {split!r}: {missing[:30]}"
+                         + (f" ... ({len(missing) - 30} more)" if len(missing) > 30 else ""))
+    return GtMasks(
+        dataset="synthetic",
+        split=split,
+        image_names=[Path(f).name for f in image_filenames],
+        id_maps=id_maps,
+        level_ids=index_id_maps(id_maps),
+        notes=[f"instance-id maps from {gt_dir} (0 = background)"],
+    )
+
+
 @dataclass
 class PepeDataParserConfig(NerfstudioDataParserConfig):
     """nerfstudio-data parser that loads the initial point cloud with plyfile (no open3d)."""
@@ -69,9 +111,13 @@ class PepeDataParser(Nerfstudio):
                 "(make one with `pepeseg3d synth` or `ns-process-data`)"
             )
         try:
-            return super()._generate_dataparser_outputs(split)
+            outputs = super()._generate_dataparser_outputs(split)
         except UnidentifiedImageError as err:
             raise ValueError(f"An image of {meta} could not be decoded: {err}") from err
+        gt = synthetic_gt_masks(meta.parent, outputs.image_filenames, split)
+        if gt is not None:
+            outputs.metadata["gt_masks"] = gt
+        return outputs
 
     def _load_3D_points(self, ply_file_path: Path, transform_matrix: torch.Tensor, scale_factor: float) -> Optional[Dict[str, torch.Tensor]]:
         """Points ``points3D_xyz [P, 3]`` in the parser's normalised world frame and ``points3D_rgb [P, 3] uint8``,
