@@ -13,6 +13,8 @@ from nerfstudio.plugins.types import MethodSpecification
 
 from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
 from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
+from pepeseg3d_ns.contrast.model import PepeContrastModelConfig
+from pepeseg3d_ns.contrast.pipeline import PepeContrastPipelineConfig
 from pepeseg3d_ns.recon.model import PepeReconModelConfig
 from pepeseg3d_ns.schedulers import FloatExponentialDecaySchedulerConfig as ExponentialDecaySchedulerConfig
 from pepeseg3d_ns.trainer import PepeTrainerConfig
@@ -58,4 +60,29 @@ pepe_recon = MethodSpecification(
     ),
     description="PePESeg3D stage 1: Gaussian Splatting with the monocular depth constraint (CPU or CUDA). "
     "Needs the priors cache: run `pepeseg3d priors --data SCENE` first.",
+)
+
+
+pepe_contrast = MethodSpecification(
+    config=PepeTrainerConfig(
+        method_name="pepe-contrast",
+        steps_per_eval_image=500,
+        steps_per_eval_batch=0,
+        steps_per_save=2000,
+        steps_per_eval_all_images=100000,
+        max_num_iterations=10000,
+        mixed_precision=False,
+        pipeline=PepeContrastPipelineConfig(
+            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig(load_3D_points=False), priors="require"),
+            model=PepeContrastModelConfig(),
+        ),
+        optimizers={
+            "gauss_features": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
+            "scale_gate": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
+        },
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        vis="viewer",
+    ),
+    description="PePESeg3D stage 2: multi-scale contrastive Gaussian features on frozen pepe-recon geometry. "
+    "Needs --pipeline.model.recon-checkpoint RECON_RUN/config.yml and the priors cache.",
 )

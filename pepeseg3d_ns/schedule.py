@@ -12,6 +12,8 @@ Rules (``N = max_num_iterations``, ``r = N / 30000``):
   from the start (``num_downscales 0``), warm-up ``max(100, N/10)``, densification until ``0.6 N``, opacity
   reset every ``max(10, N/300)`` refinement intervals (so at most ~3 resets, none in the last 40 %), SH degree
   raised every ``max(100, N/8)`` steps, screen-size culling until ``N``.
+* pepe-contrast has its own reference (10k steps): the centroid loss starts at ``0.7 N`` and refreshes every
+  ``max(10, N / 50)`` steps.
 * Always: refinement starts at ``r * 4000`` but not before the warm-up ends; the means' and the camera
   optimiser's learning-rate decays run over ``N`` steps.
 
@@ -29,6 +31,8 @@ REFERENCE_STEPS = 30000
 
 def _scaled_values(model_cfg, steps: int) -> Dict[str, object]:
     """The step-valued model fields for a run of ``steps`` iterations (see the module docstring)."""
+    if hasattr(model_cfg, "schedule_for"):  # a method with its own reference schedule (pepe-contrast)
+        return model_cfg.schedule_for(steps)
     r = steps / REFERENCE_STEPS
     d = type(model_cfg)()  # the method's defaults
     if steps >= REFERENCE_STEPS:

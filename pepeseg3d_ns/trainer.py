@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Type
 
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
@@ -28,6 +29,7 @@ class PepeTrainer(Trainer):
     config: PepeTrainerConfig
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        self._data_from_recon_run()
         if getattr(self.config, "scale_schedule", False):
             from pepeseg3d_ns.schedule import scale_schedule
 
@@ -40,3 +42,22 @@ class PepeTrainer(Trainer):
                 if self.local_rank == 0 and test_mode == "val":
                     self.config.save_config()
         super().setup(test_mode=test_mode)
+
+    def _data_from_recon_run(self) -> None:
+        """pepe-contrast without --data: use the scene the pepe-recon run was trained on."""
+        model = self.config.pipeline.model
+        dm = self.config.pipeline.datamanager
+        if getattr(model, "recon_checkpoint", None) is None or (dm.data is not None or self.config.data is not None):
+            return
+        import yaml
+
+        from pepeseg3d_ns.contrast.model import recon_config_path
+
+        cfg_path = recon_config_path(model.recon_checkpoint)
+        if cfg_path is None:
+            return
+        recon = yaml.load(cfg_path.read_text(), Loader=yaml.Loader)
+        data = recon.pipeline.datamanager.data or recon.data
+        if data is not None:
+            CONSOLE.log(f"--data not given: using the pepe-recon run's scene {data}")
+            dm.data = self.config.data = Path(data)

@@ -13,7 +13,9 @@ training step the priors of its image:
 * ``batch["sam_masks"]``: ``bool [M, H, W]`` dense masks of this one image on the model's device;
 * ``batch["sam_mask_areas"]``: ``int64 [M]`` pixel areas;
 * ``batch["depth_prior"]``: ``float32 [H, W, 1]`` relative inverse depth (larger = nearer, unknown scale and
-  shift), on the model's device.
+  shift), on the model's device;
+* ``batch["mask_scales"]``: ``float32 [M]`` each mask's scale in [0, 1] (NaN = unknown), only when
+  :attr:`PepeDatamanager.scene_scales` is set (pepe-contrast sets it from ``scales.json``).
 
 All are at the resolution of the (possibly ``camera_res_scale_factor``-scaled) image. When splatfacto renders
 at a further reduced resolution early in training, :func:`downscale_prior_batch` brings them to it the same
@@ -90,6 +92,8 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
 
     config: PepeDatamanagerConfig
 
+    scene_scales = None  # a pepeseg3d_ns.priors.scales.SceneScales, set by the pepe-contrast pipeline
+
     @property
     def dataset_type(self) -> Type[PepeDataset]:
         return PepeDataset
@@ -137,6 +141,13 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
             data["sam_masks"] = masks.to_torch(self.device)
             data["sam_mask_areas"] = torch.from_numpy(masks.areas).to(self.device)
             data["depth_prior"] = data["depth_prior"].to(self.device)
+            if self.scene_scales is not None:
+                stem = Path(self.train_dataset.image_filenames[data["image_idx"]]).stem
+                scales = torch.from_numpy(self.scene_scales.scales(stem))
+                if scales.shape[0] != len(masks):
+                    raise ValueError(f"{stem}: {scales.shape[0]} mask scales for {len(masks)} masks; recompute the "
+                                     "scales (`pepeseg3d scales --load-config RECON_RUN/config.yml`)")
+                data["mask_scales"] = scales.to(self.device)
         return camera, data
 
     def _load_images(self, split: Literal["train", "eval"], cache_images_device: Literal["cpu", "gpu"]) -> List[Dict[str, torch.Tensor]]:

@@ -1,0 +1,412 @@
+"""``pepe-contrast``: PePESeg3D stage 2, multi-scale Gaussian features learned on frozen pepe-recon geometry.
+
+Every Gaussian ``i`` carries a feature ``f_i`` in R^32. Before rendering, features are smoothed in 3D: each is
+averaged with its 16 nearest neighbours (index built once from the frozen means,
+:func:`pepeseg3d_ns.contrast.knn.knn_indices`). The smoothed features are alpha-blended like colours into an
+*ungated* feature map ``F [H, W, 32]``; the scale gate ``psi(s)`` (:class:`~pepeseg3d_ns.contrast.gate.ScaleGate`,
+two-layer MLP, sigmoid output) turns it into the scale-aware feature ``psi(s) * F(p)`` of pixel ``p`` at scale
+``s`` in [0, 1]. Blending is linear, so ``render(psi(s) * f) = psi(s) * render(f)``: one render per step serves
+every sampled scale, and each training pair carries its own scale.
+
+One training view per step, ``num_sample_pixels`` (1000) pixels sampled among those covered by a SAM mask with a
+known scale:
+
+``Lcont = lambda_m * Lm + lambda_p * Lp + lambda_cU * Lc(U) + lambda_cL * Lc(L) + lambda_norm * L2D``
+
+* ``Lm`` (eq. 3/8): :func:`~pepeseg3d_ns.contrast.losses.scale_contrastive_loss` on ``num_pairs`` pairs drawn by
+  :func:`~pepeseg3d_ns.contrast.sampling.sample_pairs` (uniform scales and pairs, hard pairs over-sampled),
+  weighted ``omega(p) omega(q)`` (eq. 7);
+* ``Lp`` (eq. 4): :func:`~pepeseg3d_ns.contrast.losses.perception_loss`, one window partner per sampled pixel
+  (:func:`~pepeseg3d_ns.contrast.sampling.perception_pairs`: radius ``r(s)``, adaptive depth/colour thresholds);
+* ``Lc`` (eq. 5): from ``centroid_start`` on, every ``centroid_every`` steps the current view's rendered
+  features at ``s = 1`` and ``s = 0`` are clustered (HDBSCAN on a bounded subsample,
+  :func:`~pepeseg3d_ns.contrast.cluster.cluster_features`) and the cluster centres merged into the global sets
+  ``U`` and ``L`` (:class:`~pepeseg3d_ns.contrast.centroids.CentroidBank`); every step pulls sampled pixels to
+  their nearest centroid when its cosine exceeds ``tau``. Both sets are saved in the checkpoint;
+* ``L2D``: ``mean((|F(p)| - 1)^2)`` over the sampled pixels of the ungated map.
+
+The geometry (means, scales, quaternions, opacities, colours) comes from a pepe-recon checkpoint and is never
+optimised; only ``gauss_features`` and the gate are. Camera convention: nerfstudio ``Cameras`` (OpenGL
+camera-to-world), converted once in :func:`pepeseg3d_ns.render.cameras.viewmat_from_c2w`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Type, Union
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttributes, TrainingCallbackLocation
+
+from pepeseg3d_ns.recon.model import PepeSplatfactoModel, PepeSplatfactoModelConfig
+from pepeseg3d_ns.render import rasterize
+from pepeseg3d_ns.render.cameras import viewmat_from_c2w
+
+GEOMETRY_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+
+
+def resolve_recon_checkpoint(path: Union[str, Path, None]) -> Path:
+    """The ``.ckpt`` file of a pepe-recon run given its ``config.yml``, its run folder, its ``nerfstudio_models``
+    folder or the checkpoint itself (the latest step when there are several). Clear error when none exists."""
+    if path is None:
+        raise ValueError(
+            "pepe-contrast needs the geometry of a finished pepe-recon run: pass "
+            "--pipeline.model.recon-checkpoint outputs/<scene>/pepe-recon/<timestamp>/config.yml"
+        )
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".ckpt":
+        return p
+    folder = p.parent / "nerfstudio_models" if p.is_file() else (p if p.name == "nerfstudio_models" else p / "nerfstudio_models")
+    ckpts = sorted(folder.glob("step-*.ckpt")) if folder.is_dir() else []
+    if not ckpts:
+        raise FileNotFoundError(
+            f"No pepe-recon checkpoint found for --pipeline.model.recon-checkpoint {path} (looked for "
+            f"{folder}/step-*.ckpt). Train stage 1 first: ns-train pepe-recon --data SCENE"
+        )
+    return ckpts[-1]
+
+
+def recon_config_path(path: Union[str, Path]) -> Optional[Path]:
+    """The ``config.yml`` of the pepe-recon run that ``path`` (see :func:`resolve_recon_checkpoint`) belongs to."""
+    ckpt = resolve_recon_checkpoint(path)
+    cfg = ckpt.parent.parent / "config.yml"
+    return cfg if cfg.is_file() else None
+
+
+def load_recon_geometry(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Path, int]:
+    """Gaussian parameters (raw, as stored: log-scales, logit opacities, SH) of a pepe-recon checkpoint:
+    ``{"means": [N, 3], "scales": [N, 3], "quats": [N, 4], "features_dc": [N, 3], "features_rest": [N, K, 3],
+    "opacities": [N, 1]}``, the checkpoint path and its step."""
+    ckpt = resolve_recon_checkpoint(path)
+    state = torch.load(ckpt, map_location="cpu")
+    pipe = state.get("pipeline", {})
+    geometry = {}
+    for key in GEOMETRY_KEYS:
+        name = f"_model.gauss_params.{key}"
+        if name not in pipe:
+            raise ValueError(f"{ckpt} is not a Gaussian-splatting checkpoint (no {name}); is it a pepe-recon run?")
+        geometry[key] = pipe[name].float()
+    return geometry, ckpt, int(state.get("step", -1))
+
+
+@dataclass
+class PepeContrastModelConfig(PepeSplatfactoModelConfig):
+    """PePESeg3D stage 2 (see the module docstring). Paper symbols in brackets."""
+
+    _target: Type = field(default_factory=lambda: PepeContrastModel)
+    recon_checkpoint: Optional[Path] = None
+    """The pepe-recon run whose geometry is frozen and segmented: its config.yml, run folder or .ckpt."""
+    feature_dim: int = 32
+    """Dimension of the per-Gaussian feature f."""
+    gate_hidden: int = 32
+    """Hidden width of the scale gate psi (two-layer MLP, sigmoid output)."""
+    knn_k: int = 16
+    """3D feature smoothing: each Gaussian's feature averaged with this many nearest neighbours (0 = off)."""
+    num_sample_pixels: int = 1000
+    """Pixels sampled per step (among those inside a SAM mask with a known scale)."""
+    num_pairs: int = 4096
+    """Pixel pairs of the scale-aware contrastive loss per step (each with its own uniform scale)."""
+    hard_pair_fraction: float = 0.25
+    """Share of the pairs reserved for hard pairs (same active label, no common finer mask); 0 = uniform only."""
+    pixel_weighting: bool = True
+    """Weight pairs by omega(p) omega(q) (eq. 7, inverse mean mask area, min-max to [1, 10]); False = all 1."""
+    lambda_m: float = 1.0
+    """[lambda_m] weight of the scale-aware contrastive loss Lm (0 = off)."""
+    lambda_p: float = 0.2
+    """[lambda_p] weight of the perception loss Lp (0 = off)."""
+    lambda_c_upper: float = 0.3
+    """[lambda_c^U] weight of the centroid loss on the coarse set (features at s = 1)."""
+    lambda_c_lower: float = 0.1
+    """[lambda_c^L] weight of the centroid loss on the fine set (features at s = 0)."""
+    lambda_norm: float = 1.0
+    """Weight of L2D = mean((|F(p)| - 1)^2) (0 = off)."""
+    centroid_start: int = 7000
+    """Step from which the centroid loss runs (scaled with --max-num-iterations, reference 10k)."""
+    centroid_every: int = 200
+    """Refresh the centroid sets every this many steps (scaled with --max-num-iterations, reference 10k)."""
+    centroid_delta: float = 0.9
+    """[delta] a candidate centroid merges (EMA) into an existing one above this cosine, else it is added."""
+    centroid_tau: float = 0.9
+    """[tau] a pixel is pulled to its nearest centroid when their cosine exceeds this."""
+    centroid_momentum: float = 0.9
+    """EMA momentum of centroid merging."""
+    cluster_max_points: int = 5000
+    """HDBSCAN subsample size per refresh (the rest of the pixels is assigned to the nearest cluster centre)."""
+    cluster_min_size: int = 25
+    """HDBSCAN min_cluster_size (pixels of the subsample)."""
+    num_downscales: int = 0
+    """Features are learned at full image resolution."""
+    viewer_scale: float = 0.5
+    """Scale s used for the feature outputs when rendering outside training (the viewer's slider sets it)."""
+
+    def schedule_for(self, steps: int) -> Dict[str, int]:
+        """Step-valued fields for a run of ``steps`` iterations (paper: 10k steps, centroids from 7k every 200)."""
+        r = steps / 10000
+        return {"centroid_start": round(7000 * r), "centroid_every": max(10, round(200 * r))}
+
+
+class PepeContrastModel(PepeSplatfactoModel):
+    """Frozen Gaussians + learned multi-scale features (see the module docstring)."""
+
+    config: PepeContrastModelConfig
+
+    # ------------------------------------------------------------------ setup
+    def populate_modules(self) -> None:
+        from pepeseg3d_ns.contrast.centroids import CentroidBank
+        from pepeseg3d_ns.contrast.gate import ScaleGate
+
+        cfg = self.config
+        geometry, ckpt, step = load_recon_geometry(cfg.recon_checkpoint)
+        n_rest = geometry["features_rest"].shape[1]
+        sh_degree = int(round((n_rest + 1) ** 0.5)) - 1
+        if sh_degree != cfg.sh_degree:
+            cfg.sh_degree = sh_degree  # the geometry decides; colours render as trained
+        self._geometry = geometry
+        super().populate_modules()  # metrics, camera optimiser (off), background; Gaussians from _init_gaussian_params
+        del self._geometry
+        self.recon_source = {"checkpoint": str(ckpt), "step": step}
+        n = geometry["means"].shape[0]
+        gen = torch.Generator().manual_seed(0)
+        feats = torch.randn(n, cfg.feature_dim, generator=gen)
+        self.gauss_features = Parameter(feats / feats.norm(dim=-1, keepdim=True))
+        self.scale_gate = ScaleGate(dim=cfg.feature_dim, hidden=cfg.gate_hidden)
+        self.register_buffer("knn", self._build_knn(geometry["means"]), persistent=True)
+        self.bank_upper = CentroidBank(cfg.feature_dim)
+        self.bank_lower = CentroidBank(cfg.feature_dim)
+        self.register_buffer("centroids_upper", torch.zeros(0, cfg.feature_dim))
+        self.register_buffer("centroids_lower", torch.zeros(0, cfg.feature_dim))
+        self._sample_gen = torch.Generator().manual_seed(0)
+        self.step = 0
+
+    def _initial_points(self):
+        return self._geometry["means"], None
+
+    def _init_gaussian_params(self, points, colors) -> Dict[str, Parameter]:
+        """The frozen pepe-recon Gaussians (no gradient)."""
+        return {k: Parameter(v.clone(), requires_grad=False) for k, v in self._geometry.items()}
+
+    def _build_knn(self, means: Tensor) -> Tensor:
+        from pepeseg3d_ns.contrast.knn import knn_indices
+
+        k = min(self.config.knn_k, max(means.shape[0] - 1, 0))
+        if k <= 0:
+            return torch.zeros(means.shape[0], 0, dtype=torch.long)
+        return knn_indices(means, k=k, progress=means.shape[0] > 200_000)
+
+    def load_state_dict(self, state_dict, **kwargs):  # type: ignore[override]
+        """Resize the Gaussian tensors, features, neighbour index and centroid sets to the checkpoint's."""
+        n = state_dict["gauss_params.means"].shape[0]
+        for name in list(self.gauss_params.keys()):
+            shape = (n,) + tuple(state_dict[f"gauss_params.{name}"].shape[1:])
+            self.gauss_params[name] = Parameter(torch.zeros(shape, device=self.device), requires_grad=False)
+        self.gauss_features = Parameter(torch.zeros_like(state_dict["gauss_features"], device=self.device))
+        for key in ("knn", "centroids_upper", "centroids_lower"):
+            if key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[key], device=self.device))
+        torch.nn.Module.load_state_dict(self, state_dict, **kwargs)
+        self.step = 30000
+        self.bank_upper.load_tensor(self.centroids_upper)
+        self.bank_lower.load_tensor(self.centroids_lower)
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        """Only the features and the gate are optimised (optimizer groups ``gauss_features`` and ``scale_gate``)."""
+        return {"gauss_features": [self.gauss_features], "scale_gate": list(self.scale_gate.parameters())}
+
+    def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
+        """Only the step counter: the geometry is frozen, so no densification."""
+        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.step_cb)]
+
+    def step_post_backward(self, step):  # no densification
+        return
+
+    # ------------------------------------------------------------------ features
+    def smoothed_features(self) -> Tensor:
+        """Per-Gaussian features after 3D smoothing, ``[N, D]`` (differentiable w.r.t. ``gauss_features``)."""
+        from pepeseg3d_ns.contrast.knn import smooth_features
+
+        if self.knn.shape[1] == 0:
+            return self.gauss_features
+        return smooth_features(self.gauss_features, self.knn.long())
+
+    def gate(self, s: Union[float, Tensor]) -> Tensor:
+        """``psi(s)``: ``[K, D]`` for scales ``s`` (float or ``[K]``) in [0, 1]."""
+        s = torch.as_tensor(s, dtype=torch.float32, device=self.gauss_features.device).reshape(-1)
+        return self.scale_gate(s)
+
+    def gaussian_features(self, scale: float) -> Tensor:
+        """Gated, smoothed feature of every Gaussian at ``scale``, ``[N, D]`` (what 3D selection compares)."""
+        return self.smoothed_features() * self.gate(scale)
+
+    def _camera_setup(self, camera: Cameras):
+        c2w = camera.camera_to_worlds
+        Ks = camera.get_intrinsics_matrices().to(self.device)
+        W, H = int(camera.width.item()), int(camera.height.item())
+        return viewmat_from_c2w(c2w.to(self.device)), Ks, W, H
+
+    def render_feature_map(self, camera: Cameras, features: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Alpha-blended features ``[H, W, D]`` (background 0) and accumulation ``[H, W, 1]`` of one camera.
+        ``features`` defaults to the smoothed ungated features; pass gated per-Gaussian features to render
+        those instead."""
+        feats = self.smoothed_features() if features is None else features
+        viewmats, Ks, W, H = self._camera_setup(camera)
+        p = self.gauss_params
+        render, alpha, info = rasterize(
+            means=p["means"], quats=p["quats"], scales=torch.exp(p["scales"]),
+            opacities=torch.sigmoid(p["opacities"]).squeeze(-1), colors=feats,
+            viewmats=viewmats, Ks=Ks, width=W, height=H, packed=False, near_plane=0.01, far_plane=1e10,
+            render_mode="RGB", sh_degree=None, rasterize_mode=self.config.rasterize_mode,
+        )
+        return render[0], alpha[0]
+
+    # ------------------------------------------------------------------ forward
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
+        """Training: ``features [H, W, D]`` (ungated) and ``accumulation``. Otherwise also the frozen scene's
+        ``rgb``, ``depth``, and ``feature_pca [H, W, 3]`` of the features gated at ``viewer_scale``."""
+        if not isinstance(camera, Cameras):
+            raise TypeError(f"get_outputs expects a nerfstudio Cameras object, got {type(camera).__name__}")
+        if self.training:
+            if camera.shape[0] != 1:
+                raise ValueError("training renders one camera at a time")
+            features, alpha = self.render_feature_map(camera)
+            return {"features": features, "accumulation": alpha}
+        outputs = super().get_outputs(camera)
+        with torch.no_grad():
+            features, _ = self.render_feature_map(camera)
+            gated = features * self.gate(self.config.viewer_scale)[0]
+            outputs["features"] = gated
+            outputs["feature_pca"] = feature_pca(gated)
+        return outputs
+
+    # ------------------------------------------------------------------ losses
+    def _sample_pixels(self, valid: Tensor) -> Tensor:
+        idx = torch.nonzero(valid.flatten()).flatten()
+        n = min(self.config.num_sample_pixels, idx.numel())
+        perm = torch.randperm(idx.numel(), generator=self._sample_gen)[:n].to(idx.device)
+        return idx[perm]
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        metrics = {"gaussian_count": float(self.num_points)}
+        if "features" in outputs:
+            metrics["feature_norm"] = outputs["features"].detach().norm(dim=-1).mean()
+            metrics["centroids_upper"] = float(len(self.bank_upper))
+            metrics["centroids_lower"] = float(len(self.bank_lower))
+        return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        """The terms of ``Lcont`` (already weighted; nerfstudio sums them): ``contrast_loss`` (Lm),
+        ``perception_loss`` (Lp), ``centroid_loss`` (Lc, both sets), ``norm_loss`` (L2D)."""
+        from pepeseg3d_ns.contrast import losses as L
+        from pepeseg3d_ns.contrast import sampling as S
+
+        if not self.training or "features" not in outputs:
+            return {}
+        for key in ("sam_masks", "mask_scales", "depth_prior"):
+            if key not in batch:
+                raise KeyError(
+                    f"pepe-contrast needs batch['{key}'] (perception priors and mask scales); train with the "
+                    "pepe-contrast datamanager and a priors cache (`pepeseg3d priors --data SCENE`)"
+                )
+        cfg = self.config
+        F = outputs["features"]
+        H, W, D = F.shape
+        masks = batch["sam_masks"].to(self.device)
+        mask_scales = batch["mask_scales"].to(self.device).float()
+        areas = batch["sam_mask_areas"].to(self.device).float()
+        known = torch.isfinite(mask_scales)
+        covered = (masks & known[:, None, None]).any(0) if masks.shape[0] else torch.zeros(H, W, dtype=torch.bool)
+        pix = self._sample_pixels(covered)
+        losses: Dict[str, Tensor] = {}
+        if pix.numel() < 2:
+            losses["contrast_loss"] = F.sum() * 0
+            return losses
+        Fp = F.reshape(-1, D)[pix]
+        member = S.membership(masks, pix)
+
+        if cfg.lambda_m > 0:
+            i, j, s = S.sample_pairs(member, mask_scales, cfg.num_pairs, hard_fraction=cfg.hard_pair_fraction,
+                                     generator=self._sample_gen, mask_areas=areas)
+            targets = S.pair_targets(member, mask_scales, i, j, s, areas)
+            if cfg.pixel_weighting:
+                w = S.pixel_weights(member, areas, mask_scales)
+                weight = w[i] * w[j]
+            else:
+                weight = torch.ones_like(s)
+            g = self.gate(s)
+            losses["contrast_loss"] = cfg.lambda_m * L.scale_contrastive_loss(
+                Fp[i] * g, Fp[j] * g, targets["positive"], weight, targets["valid"])
+            self._last_hard_fraction = float(targets["hard"].float().mean()) if s.numel() else 0.0
+
+        if cfg.lambda_p > 0:
+            image = batch["image"][..., :3].to(self.device).float()
+            if image.shape[:2] != (H, W):
+                raise ValueError(f"image {tuple(image.shape[:2])} and rendered features {(H, W)} differ")
+            s_p = torch.rand(pix.numel(), generator=self._sample_gen).to(self.device)
+            pp = S.perception_pairs(image, batch["depth_prior"].to(self.device)[..., 0].float(), pix, s_p,
+                                    generator=self._sample_gen)
+            g = self.gate(s_p)
+            fq = F.reshape(-1, D)[pp.q]
+            losses["perception_loss"] = cfg.lambda_p * L.perception_loss(Fp * g, fq * g, pp.sim, pp.dis)
+
+        if self._centroids_active():
+            if (self.step - cfg.centroid_start) % max(cfg.centroid_every, 1) == 0:
+                self._refresh_centroids(F.detach(), covered)
+            g1, g0 = self.gate(1.0), self.gate(0.0)
+            lc = Fp.sum() * 0
+            if cfg.lambda_c_upper > 0 and len(self.bank_upper):
+                lc = lc + cfg.lambda_c_upper * self.bank_upper.loss(Fp * g1, cfg.centroid_tau)
+            if cfg.lambda_c_lower > 0 and len(self.bank_lower):
+                lc = lc + cfg.lambda_c_lower * self.bank_lower.loss(Fp * g0, cfg.centroid_tau)
+            losses["centroid_loss"] = lc
+
+        if cfg.lambda_norm > 0:
+            losses["norm_loss"] = cfg.lambda_norm * L.norm_regulariser(Fp)
+        return losses
+
+    def _centroids_active(self) -> bool:
+        cfg = self.config
+        return self.training and (cfg.lambda_c_upper > 0 or cfg.lambda_c_lower > 0) and self.step >= cfg.centroid_start
+
+    @torch.no_grad()
+    def _refresh_centroids(self, F: Tensor, covered: Tensor) -> None:
+        """HDBSCAN on this view's rendered features at s = 1 and s = 0; merge the centres into the global sets."""
+        from pepeseg3d_ns.contrast.cluster import cluster_features
+
+        cfg = self.config
+        feats = F[covered]
+        if feats.shape[0] < cfg.cluster_min_size:
+            return
+        for s, bank, name in ((1.0, self.bank_upper, "centroids_upper"), (0.0, self.bank_lower, "centroids_lower")):
+            gated = feats * self.gate(s)
+            result = cluster_features(gated, min_cluster_size=cfg.cluster_min_size, max_points=cfg.cluster_max_points,
+                                      seed=self.step)
+            if result.centroids.shape[0]:
+                bank.update(result.centroids.to(bank.device), delta=cfg.centroid_delta, momentum=cfg.centroid_momentum)
+            setattr(self, name, bank.to_tensor().to(self.device))
+
+    # ------------------------------------------------------------------ evaluation
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        if "feature_pca" in outputs:
+            images["feature_pca"] = outputs["feature_pca"]
+        return metrics, images
+
+
+def feature_pca(features: Tensor, basis: Optional[Tensor] = None) -> Tensor:
+    """Colour image ``[H, W, 3]`` in [0, 1] from features ``[H, W, D]``: the L2-normalised features projected on
+    their first three principal components (or on ``basis [D, 3]``), each channel min-max stretched.
+    Deterministic (eigen-decomposition of the D x D covariance)."""
+    H, W, D = features.shape
+    x = torch.nn.functional.normalize(features.reshape(-1, D).double(), dim=-1)
+    if basis is None:
+        centred = x - x.mean(0, keepdim=True)
+        _, vecs = torch.linalg.eigh(centred.T @ centred)
+        basis = vecs[:, -3:].flip(1) if D >= 3 else torch.nn.functional.pad(vecs, (0, 3 - D))
+        basis = basis * torch.sign(basis.sum(0, keepdim=True) + 1e-12)  # fix each component's sign
+    y = x @ basis.double()
+    lo, hi = y.min(0).values, y.max(0).values
+    return ((y - lo) / (hi - lo).clamp(min=1e-8)).reshape(H, W, 3).float()
