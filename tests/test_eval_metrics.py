@@ -164,8 +164,9 @@ def test_scores_average_per_object_then_over_objects():
     assert out["per_level"]["mask"]["n_objects"] == 2 and out["per_level"]["mask"]["n_views"] == 3
     assert out["per_level"]["objects"]["miou"] == pytest.approx(56 / 144)
     assert out["overall"]["miou"] == pytest.approx(((1 + 2 / 3) / 2 + 0 + 56 / 144) / 3)
-    assert out["overall"]["mbiou"] == pytest.approx(
-        np.mean([np.mean([1.0, boundary_iou(square(left=12), gt, 1)]), 0.0, boundary_iou(square(top=13, left=12), gt, 1)]))
+    # boundary rings (band 1, 36 px each): shift (0, 2) shares 16 px -> 16/56; shift (3, 2) shares 2 px -> 2/70
+    assert out["per_object"]["mask"]["duck"]["biou"] == pytest.approx((1 + 16 / 56) / 2)
+    assert out["overall"]["mbiou"] == pytest.approx(((1 + 16 / 56) / 2 + 0.0 + 2 / 70) / 3)
     assert out["overall"]["n_objects"] == 3 and out["overall"]["n_views"] == 4
     json.dumps(out)  # plain floats / ints
     assert len(s.records()) == 4 and s.records()[2]["iou"] == 0.0
