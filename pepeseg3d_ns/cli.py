@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import List, Literal, Optional, Tuple
+
+from typing_extensions import Annotated
 
 import tyro
 
@@ -88,6 +90,35 @@ class ReconAblation:
         from pepeseg3d_ns.recon.ablation import format_ablation, run_recon_ablation
 
         print(format_ablation(run_recon_ablation(**dataclasses.asdict(self))))
+
+
+@dataclass
+class Segment:
+    """Click-to-segment without the viewer: query a pepe-contrast run at pixels of a training view, write the
+    selected Gaussians (3DGS .ply + indices) and the 2D masks of every training view."""
+
+    load_config: Path
+    """config.yml of a pepe-contrast run."""
+    click: Annotated[List[Tuple[float, float]], tyro.conf.UseAppendAction]
+    """Pixel X Y (column, row of the full-resolution training view); repeat --click for a union of queries."""
+    view: int = 0
+    """Index of the training view the clicks are on."""
+    scale: float = 0.5
+    """Segmentation scale s in [0, 1]: 0 = finest parts, 1 = whole groups."""
+    threshold: float = 0.7
+    """Cosine similarity to a query from which a pixel / Gaussian is selected."""
+    output_dir: Path = Path("segment_out")
+    all_views: bool = True
+    """Write masks for every training view (False: only the clicked one)."""
+
+    def main(self) -> None:
+        import json
+
+        from pepeseg3d_ns.segment import run_segment
+
+        summary = run_segment(self.load_config, [tuple(c) for c in self.click], self.view, self.scale, self.threshold,
+                              self.output_dir, self.all_views)
+        print(json.dumps(summary, indent=2))
 
 
 @dataclass
@@ -170,7 +201,7 @@ class BenchPriors:
 def entrypoint() -> None:
     """Console script ``pepeseg3d``."""
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation,
+        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment,
          "bench-render": BenchRender,
          "bench-priors": BenchPriors},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
