@@ -352,6 +352,10 @@ def test_spinnerf_errors_list_every_offender(spin, tmp_path):
 def test_spinnerf_inpainting_label_missing_for_eval_view(spin, tmp_path):
     d = tmp_path / "inp"
     shutil.copytree(spin, d)
+    # a label of an object-free view (left out of the scene) is ignored, and said so
+    shutil.copy(d / "images_4" / "label" / "IMG_0005.png", d / "images_4" / "label" / "IMG_0001.png")
+    gt = _parse("spinnerf", "test", data=d, object_free_views=4).metadata["gt_masks"]
+    assert "1 label(s) of object-free views ignored: IMG_0001.png" in gt.describe()
     (d / "images_4" / "label" / "IMG_0004.png").unlink()
     with pytest.raises(ValueError, match="IMG_0004"):
         _parse("spinnerf", "test", data=d, object_free_views=4)
