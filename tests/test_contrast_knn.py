@@ -5,6 +5,17 @@ import torch
 
 from pepeseg3d_ns.contrast.knn import _scipy_available, knn_indices, smooth_features
 
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a busy 2-core machine torch's intra-op threads make these small ops several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 BACKENDS = ["torch"] + (["scipy"] if _scipy_available() else [])
 
 

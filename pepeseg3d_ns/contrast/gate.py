@@ -1,0 +1,75 @@
+"""Scale gate ``psi(s)`` of pepe-contrast (PePESeg3D stage 2).
+
+The scale-aware feature of a Gaussian (or a rendered pixel) at scale ``s in [0, 1]`` is ``psi(s) * f`` (elementwise):
+``psi`` is a two-layer MLP ``1 -> hidden -> dim`` with a ReLU between and a sigmoid at the output, so every channel
+of ``f`` is switched on or off smoothly as a function of the scale.
+
+Initialisation (deterministic given ``torch.manual_seed``): the hidden units are ReLU hinges ``relu(+-(s - t_j))``
+with knots ``t_j`` spread evenly over ``[0, 1]`` and random signs, and the output layer has small random weights
+(std ``0.5 / sqrt(hidden)``) and zero bias. At init the gate is therefore close to 0.5 everywhere (roughly within
+``[0.35, 0.65]``) but already differs across scales and channels, so the contrastive losses at different scales
+get different, non-degenerate gradients from the first step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ScaleGate"]
+
+
+class ScaleGate(nn.Module):
+    """``psi(s)``: scale ``s`` -> per-channel gate in ``(0, 1)``.
+
+    Args:
+        dim: number of gated feature channels ``D`` (the feature dimension, 32 in the paper).
+        hidden: width of the hidden layer.
+
+    ``forward(s)`` takes ``s`` of shape ``[K]`` or ``[K, 1]`` (or a 0-d tensor / Python float, treated as ``[1]``)
+    and returns ``[K, D]`` in ``(0, 1)``. ``s`` is cast to the gate's dtype and moved to its device. Scales are
+    expected in ``[0, 1]``; values outside are accepted (the MLP extrapolates linearly before the sigmoid).
+    """
+
+    def __init__(self, dim: int = 32, hidden: int = 32) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
+        self.dim = dim
+        self.hidden = hidden
+        self.fc1 = nn.Linear(1, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Hinges at evenly spread knots with random orientation; small random output layer (see module doc)."""
+        h = self.hidden
+        knots = (torch.arange(h, dtype=torch.float32) + 0.5) / h  # [h] in (0, 1)
+        sign = torch.where(torch.rand(h) < 0.5, -1.0, 1.0)
+        slope = sign * (1.0 + torch.rand(h))  # |slope| in [1, 2)
+        self.fc1.weight.copy_(slope[:, None])
+        self.fc1.bias.copy_(-slope * knots)
+        self.fc2.weight.normal_(0.0, 0.5 / math.sqrt(h))
+        self.fc2.bias.zero_()
+
+    def forward(self, s: Tensor) -> Tensor:  # noqa: D102 (documented on the class)
+        w = self.fc1.weight
+        s = torch.as_tensor(s)
+        if not (s.is_floating_point() or s.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"scales s must be a float tensor, got dtype {s.dtype}")
+        if s.dim() == 0:
+            s = s.reshape(1)
+        if s.dim() == 2 and s.shape[1] == 1:
+            s = s[:, 0]
+        if s.dim() != 1:
+            raise ValueError(f"scales s must have shape [K] or [K, 1], got {tuple(s.shape)}")
+        s = s.to(device=w.device, dtype=w.dtype)
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(s[:, None]))))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden={self.hidden}"

@@ -1,0 +1,89 @@
+"""Scale gate psi(s): shapes, range, init, determinism, gradient flow, and learning a scale-dependent target."""
+
+import pytest
+import torch
+
+from pepeseg3d_ns.contrast.gate import ScaleGate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: on a busy 2-core machine, torch's intra-op threads make them 10x slower (spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_shapes_and_range():
+    torch.manual_seed(0)
+    gate = ScaleGate()
+    s = torch.linspace(0, 1, 11)
+    out = gate(s)
+    assert out.shape == (11, 32)
+    assert torch.equal(gate(s[:, None]), out)
+    assert gate(torch.tensor(0.3)).shape == (1, 32)
+    assert gate(0.3).shape == (1, 32)
+    assert ((out > 0) & (out < 1)).all()
+    assert ScaleGate(dim=8, hidden=4)(s).shape == (11, 8)
+
+
+def test_init_near_half_and_scale_dependent():
+    torch.manual_seed(0)
+    out = ScaleGate()(torch.linspace(0, 1, 101))
+    assert (out - 0.5).abs().max() < 0.2  # ~0.5 everywhere
+    # ... but not constant over scales: gates at s=0 and s=1 differ clearly in some channels
+    assert (out[0] - out[-1]).abs().max() > 0.03
+    assert out.std(dim=0).mean() > 0.005
+
+
+def test_deterministic_given_seed():
+    torch.manual_seed(7)
+    a = ScaleGate()
+    torch.manual_seed(7)
+    b = ScaleGate()
+    s = torch.rand(5)
+    assert torch.equal(a(s), b(s))
+    torch.manual_seed(8)
+    assert not torch.equal(ScaleGate()(s), a(s))
+
+
+def test_gradient_flows_to_all_parameters():
+    torch.manual_seed(0)
+    gate = ScaleGate()
+    gate(torch.rand(64)).square().sum().backward()
+    for name, p in gate.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_learns_scale_dependent_target():
+    """Channels 0-15 on for s < 0.5 only, channels 16-31 on for s >= 0.5 only."""
+    torch.manual_seed(0)
+    gate = ScaleGate()
+    opt = torch.optim.Adam(gate.parameters(), lr=0.05)
+    s = torch.linspace(0, 1, 201)
+    target = torch.zeros(201, 32)
+    target[s < 0.5, :16] = 1
+    target[s >= 0.5, 16:] = 1
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy(gate(s), target)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = gate(s)
+    away = (s - 0.5).abs() > 0.05
+    assert torch.equal((out[away] > 0.5).float(), target[away])
+    assert (out[away] - target[away]).abs().max() < 0.2
+
+
+def test_bad_input():
+    gate = ScaleGate()
+    with pytest.raises(ValueError, match=r"\[K\] or \[K, 1\]"):
+        gate(torch.rand(3, 2))
+    with pytest.raises(ValueError, match="dtype"):
+        gate(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dim"):
+        ScaleGate(dim=0)
+    with pytest.raises(ValueError, match="hidden"):
+        ScaleGate(hidden=0)
