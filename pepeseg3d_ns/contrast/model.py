@@ -219,7 +219,8 @@ class PepeContrastModel(PepeSplatfactoModel):
 
     def get_training_callbacks(self, training_callback_attributes: TrainingCallbackAttributes) -> List[TrainingCallback]:
         """Only the step counter: the geometry is frozen, so no densification."""
-        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.step_cb)]
+        return [TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.step_cb,
+                                 args=[training_callback_attributes.optimizers])]
 
     def step_post_backward(self, step):  # no densification
         return
