@@ -1,0 +1,378 @@
+"""HDBSCAN clustering of (rendered or per-Gaussian) features for pepe-contrast (PePESeg3D stage 2).
+
+Used for the centroid candidates of the view-consistent loss ``Lc`` (HDBSCAN on rendered features at s=1 and s=0),
+for automatic decomposition (HDBSCAN on rendered features at a scale), and for evaluation queries.
+
+Recipe (``cluster_features``):
+
+1. L2-normalise the features, ``x_i = f_i / max(||f_i||, 1e-12)`` (zero rows stay zero).
+2. Draw a random subsample of at most ``max_points`` rows (seeded; sorted ascending) and run HDBSCAN on it with the
+   Euclidean distance. On unit vectors ``||x - y||^2 = 2 - 2 cos(x, y)``, so Euclidean distance orders pairs like
+   cosine distance while keeping the fast tree-based (exact) HDBSCAN code paths, unlike ``metric="cosine"``.
+3. Centroids ``c = normalise(mean of the normalised members)`` of the subsample clusters; every point not in the
+   subsample (``assign_rest``) and, optionally, every subsample noise point (``assign_noise``) goes to the centroid
+   of highest cosine, optionally only when that cosine is at least ``min_similarity``.
+4. Clusters are renumbered by final size, largest first (ties: order of HDBSCAN's own labels); final centroids are
+   recomputed from all final members.
+
+Defaults, from the measurements in ``docs/contrast_bench.md`` (32-d synthetic clustered data on this 2-core CPU):
+``max_points = 10_000`` (HDBSCAN time grows faster than linearly with the subsample -- about 4 s at 10k and 15-40 s
+at 30k here -- while the adjusted Rand index of the *final* labels of all points is already at its plateau at
+5k-10k; 10k keeps the smallest objects worth a centroid, a few % of the pixels, at >= 100 sampled points);
+``min_cluster_size = max(5, ceil(0.005 * S))`` for a subsample of ``S`` points (clusters below 0.5 % are noise);
+``min_samples = min(min_cluster_size, 10)`` (counting the point itself, as hdbscan/scikit-learn do).
+
+Implementations (``method``): ``"fast_hdbscan"`` (numba, parallel; see ``_run_fast_hdbscan`` for how the exact
+kd-tree path is used above 30 dimensions), ``"hdbscan"`` (the hdbscan package, Boruvka kd-tree), ``"sklearn"``
+(``sklearn.cluster.HDBSCAN``) and ``"auto"`` = the fastest by our measurement, ``fast_hdbscan``, falling back to
+``hdbscan`` then ``sklearn`` (one warning) when it does not import. Results agree across implementations up to the
+tie-breaking inside HDBSCAN (ARI 1.0 on well separated data).
+
+If the (sub)sample has fewer than ``min_cluster_size`` points, no cluster can exist and **no cluster** is returned
+(all labels -1, ``centroids [0, D]``); HDBSCAN likewise returns no cluster for structureless data unless
+``allow_single_cluster=True``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ClusterResult", "cluster_features", "label_colors", "available_methods", "DEFAULT_MAX_POINTS"]
+
+DEFAULT_MAX_POINTS = 10_000
+METHODS = ("fast_hdbscan", "hdbscan", "sklearn")
+_AUTO_ORDER = ("fast_hdbscan", "hdbscan", "sklearn")
+_warned_fallback = False
+
+
+@dataclass
+class ClusterResult:
+    """Result of ``cluster_features`` (all tensors on the device of the input features).
+
+    Attributes:
+        labels: ``long [P]``, cluster id in ``[0, C)`` (0 = largest cluster), ``-1`` = noise / not assigned.
+        centroids: ``[C, D]`` unit-norm centroids (normalised mean of the normalised members), float32 (float64 for
+            float64 input).
+        sizes: ``long [C]`` number of points with each label, descending.
+        subsample: ``long [S]`` ascending indices of the rows HDBSCAN saw (``S = min(P, max_points)``).
+        method: the implementation that ran (``"fast_hdbscan"``, ``"hdbscan"``, ``"sklearn"``; ``"none"`` when
+            there were too few points to run).
+    """
+
+    labels: Tensor
+    centroids: Tensor
+    sizes: Tensor
+    subsample: Tensor
+    method: str
+
+    @property
+    def num_clusters(self) -> int:
+        """Number of clusters ``C``."""
+        return int(self.sizes.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends: numpy float [S, D] (unit rows) -> int labels [S] (-1 noise), HDBSCAN's own numbering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+FAST_HDBSCAN_MAX_DIM = 30  # fast_hdbscan 0.3.x: above this, an approximate kNN graph path that needs pynndescent
+
+
+def _project_max_dim(x: np.ndarray, max_dim: int = FAST_HDBSCAN_MAX_DIM) -> np.ndarray:
+    """Rows of ``x [S, D]`` centred and projected onto their top ``max_dim`` principal directions (unchanged when
+    ``D <= max_dim``). Centring keeps Euclidean distances; dropping the lowest-variance directions only shrinks them
+    slightly (for 32-d features: 2 of 32 directions, the two of least variance)."""
+    if x.shape[1] <= max_dim:
+        return x
+    xc = x - x.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
+    return np.ascontiguousarray((xc @ vt[:max_dim].T.astype(xc.dtype)).astype(x.dtype))
+
+
+def _run_fast_hdbscan(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
+    """fast_hdbscan on its exact Euclidean kd-tree Borůvka path.
+
+    fast_hdbscan (0.3.x) sends data with more than 30 columns to an approximate kNN-graph path that needs
+    pynndescent, whose numba functions are compiled anew in every process (~90 s on this 2-core machine before the
+    first result). Instead, wider data are projected onto their top 30 principal directions first
+    (``_project_max_dim``). fast_hdbscan's ``min_samples`` does not count the point itself, so ``ms - 1`` is passed
+    for the hdbscan/scikit-learn meaning. ``reproducible=True`` makes the parallel Borůvka deterministic.
+    """
+    import fast_hdbscan
+
+    model = fast_hdbscan.HDBSCAN(
+        min_cluster_size=mcs, min_samples=max(1, ms - 1), allow_single_cluster=single, reproducible=True
+    )
+    model.fit(_project_max_dim(x))
+    return np.asarray(model.labels_, dtype=np.int64)
+
+
+def _run_fast_hdbscan_nnd(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
+    """fast_hdbscan's own path above 30 dims (pynndescent kNN graph); benchmark comparison only."""
+    import fast_hdbscan
+
+    state = np.random.get_state()
+    np.random.seed(0)  # pynndescent draws from numpy's global generator here
+    try:
+        model = fast_hdbscan.HDBSCAN(min_cluster_size=mcs, min_samples=max(1, ms - 1), allow_single_cluster=single)
+        model.fit(x)
+    finally:
+        np.random.set_state(state)
+    return np.asarray(model.labels_, dtype=np.int64)
+
+
+def _run_hdbscan(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
+    import hdbscan
+
+    model = hdbscan.HDBSCAN(
+        min_cluster_size=mcs, min_samples=ms, metric="euclidean", allow_single_cluster=single, core_dist_n_jobs=-1
+    )
+    return np.asarray(model.fit_predict(x.astype(np.float64)), dtype=np.int64)
+
+
+def _run_sklearn(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
+    from sklearn.cluster import HDBSCAN
+
+    kw = {}
+    if "copy" in inspect.signature(HDBSCAN.__init__).parameters:
+        kw["copy"] = False  # the array is our own temporary (also silences a FutureWarning of scikit-learn 1.9)
+    model = HDBSCAN(
+        min_cluster_size=mcs, min_samples=ms, metric="euclidean", allow_single_cluster=single, n_jobs=-1, **kw
+    )
+    return np.asarray(model.fit_predict(x.astype(np.float64)), dtype=np.int64)
+
+
+_RUNNERS = {
+    "fast_hdbscan": _run_fast_hdbscan,
+    "fast_hdbscan_nnd": _run_fast_hdbscan_nnd,
+    "hdbscan": _run_hdbscan,
+    "sklearn": _run_sklearn,
+}
+_IMPORTS = {
+    "fast_hdbscan": "fast_hdbscan",
+    "fast_hdbscan_nnd": "pynndescent",
+    "hdbscan": "hdbscan",
+    "sklearn": "sklearn.cluster",
+}
+
+
+def _importable(method: str) -> bool:
+    try:
+        __import__(_IMPORTS[method])
+        if method == "fast_hdbscan_nnd":
+            __import__("fast_hdbscan")
+    except Exception:
+        return False
+    return True
+
+
+def available_methods() -> Tuple[str, ...]:
+    """Implementations (of ``"fast_hdbscan"``, ``"hdbscan"``, ``"sklearn"``) that import on this machine."""
+    return tuple(m for m in METHODS if _importable(m))
+
+
+def _resolve_method(method: str) -> str:
+    global _warned_fallback
+    if method == "auto":
+        for m in _AUTO_ORDER:
+            if _importable(m):
+                if m != _AUTO_ORDER[0] and not _warned_fallback:
+                    warnings.warn(
+                        f"cluster_features: {_AUTO_ORDER[0]} is not importable, using {m} instead (slower; "
+                        f"`pip install {_AUTO_ORDER[0]}` for the fast path)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    _warned_fallback = True
+                return m
+        raise ImportError("cluster_features: none of fast_hdbscan, hdbscan, scikit-learn (>= 1.3) can be imported")
+    if method not in _RUNNERS:
+        raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
+    if not _importable(method):
+        raise ImportError(f"cluster_features: method={method!r} requested but {_IMPORTS[method]} cannot be imported")
+    return method
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_min_cluster_size(n_sample: int) -> int:
+    """``max(5, ceil(0.005 * n_sample))``: the default HDBSCAN ``min_cluster_size`` for a subsample of that size."""
+    return max(5, math.ceil(0.005 * n_sample))
+
+
+def _centroids(x: Tensor, labels: Tensor, c: int) -> Tuple[Tensor, Tensor]:
+    """Normalised means of unit rows ``x [P, D]`` per label in ``[0, c)`` -> ``([c, D], counts long [c])``."""
+    keep = labels >= 0
+    sums = torch.zeros((c, x.shape[1]), dtype=x.dtype, device=x.device).index_add_(0, labels[keep], x[keep])
+    counts = torch.bincount(labels[keep], minlength=c)
+    return F.normalize(sums, dim=1, eps=1e-12), counts
+
+
+def cluster_features(
+    feats: Tensor,
+    min_cluster_size: Optional[int] = None,
+    min_samples: Optional[int] = None,
+    max_points: int = DEFAULT_MAX_POINTS,
+    method: str = "auto",
+    seed: int = 0,
+    generator: Optional[torch.Generator] = None,
+    assign_rest: bool = True,
+    assign_noise: bool = False,
+    min_similarity: Optional[float] = None,
+    allow_single_cluster: bool = False,
+    chunk: int = 65536,
+) -> ClusterResult:
+    """Cluster feature vectors by HDBSCAN on a bounded random subsample of their L2-normalised copies.
+
+    Args:
+        feats: ``[P, D]`` float tensor (CPU or CUDA), e.g. rendered features ``[H*W, 32]`` or per-Gaussian
+            features; must be finite.
+        min_cluster_size: HDBSCAN's minimum cluster size, in subsample points; default
+            ``max(5, ceil(0.005 * S))`` for a subsample of ``S`` points.
+        min_samples: HDBSCAN's density parameter (neighbourhood size counting the point itself); default
+            ``min(min_cluster_size, 10)``.
+        max_points: at most this many rows go into HDBSCAN (uniform random subsample without replacement);
+            default 10k, see the module docstring.
+        method: ``"auto"``, ``"fast_hdbscan"``, ``"hdbscan"`` or ``"sklearn"``.
+        seed: seed of the subsample draw when ``generator`` is None.
+        generator: a CPU ``torch.Generator`` for the subsample draw (overrides ``seed``).
+        assign_rest: give every row outside the subsample the label of its highest-cosine centroid; if False
+            those rows are labelled -1.
+        assign_noise: also relabel the subsample's HDBSCAN noise points that way.
+        min_similarity: when set, an assignment (of ``assign_rest`` / ``assign_noise``) only happens if the best
+            cosine is ``>= min_similarity``; otherwise the row stays -1.
+        allow_single_cluster: passed to HDBSCAN (lets it return one cluster for structureless data).
+        chunk: rows per block in the cosine assignment (memory ``chunk x C``).
+
+    Returns:
+        ``ClusterResult`` (see there): ``labels long [P]``, ``centroids [C, D]`` unit norm, ``sizes long [C]``
+        descending, ``subsample long [S]``, ``method``. Deterministic for a fixed seed/generator state and
+        method (HDBSCAN runs on CPU numpy; results are moved back to ``feats.device``).
+
+    Raises:
+        ValueError: ``feats`` not ``[P, D]`` floating, empty, or containing NaN/inf; bad parameters.
+        ImportError: the requested implementation (or, for ``"auto"``, every implementation) cannot be imported.
+    """
+    if not isinstance(feats, Tensor) or feats.dim() != 2:
+        raise ValueError(f"feats must be a [P, D] tensor, got shape {tuple(getattr(feats, 'shape', ()))}")
+    if not feats.is_floating_point():
+        raise ValueError(f"feats must be floating point, got dtype {feats.dtype}")
+    p, d = feats.shape
+    if p == 0 or d == 0:
+        raise ValueError(f"feats is empty (shape {tuple(feats.shape)}): nothing to cluster")
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError("feats contain NaN or inf values")
+    if not isinstance(max_points, int) or max_points < 2:
+        raise ValueError(f"max_points must be an int >= 2, got {max_points!r}")
+    if min_cluster_size is not None and (not isinstance(min_cluster_size, int) or min_cluster_size < 2):
+        raise ValueError(f"min_cluster_size must be an int >= 2, got {min_cluster_size!r}")
+    if min_samples is not None and (not isinstance(min_samples, int) or min_samples < 1):
+        raise ValueError(f"min_samples must be a positive int, got {min_samples!r}")
+    if min_similarity is not None and not -1.0 <= float(min_similarity) <= 1.0:
+        raise ValueError(f"min_similarity must be a cosine in [-1, 1], got {min_similarity!r}")
+    method = _resolve_method(method)
+
+    dev = feats.device
+    work_dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        x = F.normalize(feats.detach().to(work_dtype), dim=1, eps=1e-12)  # [P, D]
+        gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        if p > max_points:
+            sub = torch.sort(torch.randperm(p, generator=gen)[:max_points]).values
+        else:
+            sub = torch.arange(p)
+        s = int(sub.shape[0])
+        mcs = min_cluster_size if min_cluster_size is not None else default_min_cluster_size(s)
+        ms = min_samples if min_samples is not None else min(mcs, 10)
+        sub_dev = sub.to(dev)
+
+        labels = torch.full((p,), -1, dtype=torch.long, device=dev)
+        if s < mcs or s < 2:
+            empty = torch.zeros((0, d), dtype=work_dtype, device=dev)
+            return ClusterResult(labels, empty, torch.zeros(0, dtype=torch.long, device=dev), sub_dev, "none")
+
+        xs = x[sub_dev].cpu().numpy().astype(np.float32 if work_dtype == torch.float32 else np.float64)
+        raw = _RUNNERS[method](np.ascontiguousarray(xs), mcs, min(ms, s - 1) if s > 1 else 1, allow_single_cluster)
+        raw_t = torch.from_numpy(raw).to(dev)
+        c = int(raw_t.max()) + 1 if raw_t.numel() else 0
+        labels[sub_dev] = raw_t
+        if c == 0:
+            empty = torch.zeros((0, d), dtype=work_dtype, device=dev)
+            return ClusterResult(labels, empty, torch.zeros(0, dtype=torch.long, device=dev), sub_dev, method)
+
+        cent, _ = _centroids(x, labels, c)
+        todo = torch.zeros(p, dtype=torch.bool, device=dev)
+        if assign_rest:
+            todo[:] = True
+            todo[sub_dev] = False
+        if assign_noise:
+            todo[sub_dev] |= raw_t < 0
+        rows = todo.nonzero().squeeze(1)
+        for i in range(0, rows.shape[0], chunk):
+            r = rows[i : i + chunk]
+            sim = x[r] @ cent.T  # [r, C]
+            best, arg = sim.max(dim=1)
+            if min_similarity is not None:
+                arg = torch.where(best >= float(min_similarity), arg, torch.full_like(arg, -1))
+            labels[r] = arg
+
+        counts = torch.bincount(labels[labels >= 0], minlength=c)
+        order = torch.argsort(-counts, stable=True)  # largest first, ties by HDBSCAN label
+        remap = torch.empty(c, dtype=torch.long, device=dev)
+        remap[order] = torch.arange(c, device=dev)
+        labels = torch.where(labels >= 0, remap[labels.clamp(min=0)], labels)
+        cent, sizes = _centroids(x, labels, c)
+    return ClusterResult(labels, cent, sizes, sub_dev, method)
+
+
+def label_colors(labels: Union[Tensor, np.ndarray], seed: int = 0) -> Tensor:
+    """Distinct RGB colours per cluster label, for decomposition images.
+
+    Label ``c >= 0`` gets hue ``frac(h0 + 0.618034 * c)`` (golden-ratio steps, so consecutive labels are far apart
+    in hue; ``h0`` from ``seed``), saturation 0.65-0.95 and value 0.75-1.0 cycling with ``c``; every label ``< 0``
+    (noise) is grey ``(128, 128, 128)``. The same label always gets the same colour for a given seed.
+
+    Args:
+        labels: integer tensor or array of any shape ``[...]`` (e.g. ``[P]`` or a label image ``[H, W]``).
+        seed: shifts the hue sequence.
+
+    Returns:
+        ``uint8 [..., 3]`` tensor on the device of ``labels`` (CPU for numpy input).
+    """
+    lab = torch.as_tensor(labels)
+    if lab.is_floating_point() or lab.dtype == torch.bool or lab.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got dtype {lab.dtype}")
+    lab = lab.long()
+    c = lab.clamp(min=0).double()
+    h0 = (float(seed) * 0.7548776662) % 1.0
+    hue = torch.remainder(h0 + 0.6180339887 * c, 1.0)
+    sat = 0.65 + 0.15 * torch.remainder(c, 3)
+    val = 1.0 - 0.125 * torch.remainder(torch.floor(c / 3), 3)
+    # HSV -> RGB
+    h6 = hue * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    pp = val * (1 - sat)
+    q = val * (1 - sat * f)
+    t = val * (1 - sat * (1 - f))
+    i = i.long() % 6
+    r = torch.stack([val, q, pp, pp, t, val], dim=-1).gather(-1, i[..., None])[..., 0]
+    g = torch.stack([t, val, val, q, pp, pp], dim=-1).gather(-1, i[..., None])[..., 0]
+    b = torch.stack([pp, pp, t, val, val, q], dim=-1).gather(-1, i[..., None])[..., 0]
+    rgb = torch.stack([r, g, b], dim=-1)
+    rgb = torch.round(rgb * 255).clamp(0, 255).to(torch.uint8)
+    grey = torch.full_like(rgb, 128)
+    return torch.where((lab < 0)[..., None], grey, rgb)
