@@ -220,23 +220,19 @@ class ViewerServer:
             return "(no log)"
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Kill the viewer's process group: SIGTERM, then SIGKILL after ``grace_s``. Safe to call twice."""
+        """Kill the viewer's process group: SIGTERM, wait up to ``grace_s``, then SIGKILL whatever is left of the
+        group (children included). Safe to call twice."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(proc.pid, sig)  # pid == pgid: started with start_new_session
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait_s)
-                    # the leader is gone; children (if any) still get the SIGKILL round below
-                except subprocess.TimeoutExpired:
-                    continue
+            pgid = proc.pid  # == the group id: started with start_new_session
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+                proc.wait(timeout=grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,9 @@ def test_canvas_click_reaches_the_server(tiny_recon_run, tmp_path):
         page.wait_for_render(full_resolution=False)
         assert page.get_text("Last click") == "none"
         _, _, w, h = page.canvas_box()
-        page.click_canvas(w * 0.25, h * 0.5)  # no pointer callback registered yet: nothing is sent
+        page.click_canvas(w * 0.25, h * 0.5)  # no pointer callback registered yet: the client sends nothing
+        time.sleep(1.0)
+        assert page.get_text("Last click") == "none"
         page.press_button("Listen for click")
         x, y = round(w * 0.3), round(h * 0.6)
         # the server's "enable pointer" message reaches the client asynchronously: click until a value arrives
