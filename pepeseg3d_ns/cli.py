@@ -122,6 +122,27 @@ class Segment:
 
 
 @dataclass
+class Decompose:
+    """Automatic decomposition of a pepe-contrast scene: HDBSCAN clusters of the rendered features at each scale,
+    in colours consistent across views; per-view images and a contact sheet."""
+
+    load_config: Path
+    """config.yml of a pepe-contrast run."""
+    scales: Tuple[float, ...] = (0.1, 0.5, 0.9)
+    output_dir: Path = Path("decompose_out")
+    split: Literal["train", "eval"] = "train"
+    max_views: int = 6
+    """Evenly spaced views of the split to render."""
+
+    def main(self) -> None:
+        import json
+
+        from pepeseg3d_ns.decompose import run_decompose
+
+        print(json.dumps(run_decompose(self.load_config, self.scales, self.output_dir, self.split, self.max_views), indent=2))
+
+
+@dataclass
 class BenchRender:
     """Time the rasterizer's forward and forward+backward and record peak memory, for several scene sizes."""
 
@@ -201,7 +222,7 @@ class BenchPriors:
 def entrypoint() -> None:
     """Console script ``pepeseg3d``."""
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment,
+        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment, "decompose": Decompose,
          "bench-render": BenchRender,
          "bench-priors": BenchPriors},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",

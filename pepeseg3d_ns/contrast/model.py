@@ -142,7 +142,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     num_downscales: int = 0
     """Features are learned at full image resolution."""
     viewer_scale: float = 0.5
-    """Scale s used for the feature outputs when rendering outside training (the viewer's slider sets it)."""
+    """Initial value of the viewer's scale slider (the scale of the feature / segmentation outputs)."""
+    export_dir: Path = Path("pepe_selections")
+    """Where the viewer's export buttons write selections and masks."""
 
     def schedule_for(self, steps: int) -> Dict[str, int]:
         """Step-valued fields for a run of ``steps`` iterations (paper: 10k steps, centroids from 7k every 200)."""
@@ -182,6 +184,9 @@ class PepeContrastModel(PepeSplatfactoModel):
         self.register_buffer("centroids_lower", torch.zeros(0, cfg.feature_dim))
         self._sample_gen = torch.Generator().manual_seed(0)
         self.step = 0
+        from pepeseg3d_ns.viewer.controls import SegmentationPanel
+
+        self.segmentation_panel = SegmentationPanel(self, export_dir=cfg.export_dir, scale=cfg.viewer_scale)
 
     def _initial_points(self):
         return self._geometry["means"], None
@@ -252,10 +257,14 @@ class PepeContrastModel(PepeSplatfactoModel):
     def render_feature_map(self, camera: Cameras, features: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Alpha-blended features ``[H, W, D]`` (background 0) and accumulation ``[H, W, 1]`` of one camera.
         ``features`` defaults to the smoothed ungated features; pass gated per-Gaussian features to render
-        those instead."""
+        those instead. Outside training only the viewer's visible Gaussians (crop box, 3D selection) render."""
         feats = self.smoothed_features() if features is None else features
         viewmats, Ks, W, H = self._camera_setup(camera)
-        p = self.gauss_params
+        p = dict(self.gauss_params)
+        ids = None if self.training else self._visible_ids()
+        if ids is not None:
+            p = {k: v[ids] for k, v in p.items()}
+            feats = feats[ids]
         render, alpha, info = rasterize(
             means=p["means"], quats=p["quats"], scales=torch.exp(p["scales"]),
             opacities=torch.sigmoid(p["opacities"]).squeeze(-1), colors=feats,
@@ -266,8 +275,9 @@ class PepeContrastModel(PepeSplatfactoModel):
 
     # ------------------------------------------------------------------ forward
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
-        """Training: ``features [H, W, D]`` (ungated) and ``accumulation``. Otherwise also the frozen scene's
-        ``rgb``, ``depth``, and ``feature_pca [H, W, 3]`` of the features gated at ``viewer_scale``."""
+        """Training: ``features [H, W, D]`` (ungated) and ``accumulation``. Otherwise the frozen scene's ``rgb``,
+        ``depth``, ``accumulation`` and the viewer outputs of :class:`~pepeseg3d_ns.viewer.controls.SegmentationPanel`
+        (``segmentation``, ``segment``, ``feature_pca``, ``decomposition``: ``[H, W, 3]`` in [0, 1])."""
         if not isinstance(camera, Cameras):
             raise TypeError(f"get_outputs expects a nerfstudio Cameras object, got {type(camera).__name__}")
         if self.training:
@@ -275,13 +285,22 @@ class PepeContrastModel(PepeSplatfactoModel):
                 raise ValueError("training renders one camera at a time")
             features, alpha = self.render_feature_map(camera)
             return {"features": features, "accumulation": alpha}
+        from pepeseg3d_ns.contrast.query import FeatureView
+
         outputs = super().get_outputs(camera)
         with torch.no_grad():
-            features, _ = self.render_feature_map(camera)
-            gated = features * self.gate(self.config.viewer_scale)[0]
-            outputs["features"] = gated
-            outputs["feature_pca"] = feature_pca(gated)
+            features, alpha = self.render_feature_map(camera)
+            view = FeatureView(features, alpha[..., 0], self)
+            outputs.update(self.segmentation_panel.outputs(view, outputs["rgb"]))
         return outputs
+
+    def _visible_ids(self) -> Optional[Tensor]:
+        """The crop box and the viewer's "3D view" setting (only / all but the selected Gaussians)."""
+        crop = super()._visible_ids()
+        sel = self.segmentation_panel.visible_mask() if hasattr(self, "segmentation_panel") else None
+        if crop is None or sel is None:
+            return crop if sel is None else sel
+        return crop & sel
 
     # ------------------------------------------------------------------ losses
     def _sample_pixels(self, valid: Tensor) -> Tensor:

@@ -11,12 +11,18 @@ from typing import Literal, Optional, Type
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from pepeseg3d_ns.eval.propagation import PropagationConfig
+
 
 @dataclass
 class PepeContrastPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: PepeContrastPipeline)
     scales_min_alpha: float = 0.5
     """Pixels whose rendered opacity is below this have no depth when measuring mask sizes."""
+    segmentation: PropagationConfig = field(default_factory=PropagationConfig)
+    """Label-propagation protocol run by ns-eval (threshold, scales tried on the reference view, levels)."""
+    eval_segmentation: bool = True
+    """ns-eval adds miou / macc / mbiou when the evaluation split has ground-truth masks."""
 
 
 class PepeContrastPipeline(VanillaPipeline):
@@ -62,3 +68,28 @@ class PepeContrastPipeline(VanillaPipeline):
         path = save_scene_scales(cache, scales)
         CONSOLE.log(f"Mask scales saved to {path}")
         return scales
+
+    def get_average_eval_image_metrics(self, step: Optional[int] = None, output_path: Optional[Path] = None,
+                                       get_std: bool = False):
+        """nerfstudio's image metrics of the evaluation views, plus the segmentation metrics of the label
+        propagation protocol (:mod:`pepeseg3d_ns.eval.propagation`): ``miou``, ``macc``, ``mbiou`` (mean over
+        objects of each object's mean over its evaluation views), ``miou_<level>`` etc. per hierarchy level, and
+        ``segmentation`` (per-object scores and the reference view / scale chosen for each)."""
+        from pepeseg3d_ns.eval.propagation import propagate_labels
+
+        metrics = super().get_average_eval_image_metrics(step=step, output_path=output_path, get_std=get_std)
+        gt = self.datamanager.eval_dataset._dataparser_outputs.metadata.get("gt_masks")
+        if not self.config.eval_segmentation or gt is None:
+            if gt is None:
+                CONSOLE.log("No ground-truth masks in the evaluation split: segmentation metrics skipped")
+            return metrics
+        result = propagate_labels(self, self.config.segmentation)
+        summary = result["summary"]
+        metrics.update({k: summary["overall"][k] for k in ("miou", "macc", "mbiou")})
+        for level, s in summary["per_level"].items():
+            for k in ("miou", "macc", "mbiou"):
+                metrics[f"{k}_{level}"] = s[k]
+        if step is None:  # ns-eval (the trainer logs only scalars)
+            metrics["segmentation"] = {"per_object": summary["per_object"], "choices": result["objects"],
+                                       "threshold": self.config.segmentation.threshold}
+        return metrics

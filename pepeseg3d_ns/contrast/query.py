@@ -98,7 +98,8 @@ def query_from_mask(view: FeatureView, scale: float, mask: Tensor, max_points: i
     if feats.shape[0] == 0:
         return None
     if feats.shape[0] >= 2 * min_cluster_size:
-        res = cluster_features(feats, min_cluster_size=min_cluster_size, max_points=max_points, seed=seed)
+        res = cluster_features(feats, min_cluster_size=min_cluster_size, max_points=max_points, seed=seed,
+                               allow_single_cluster=True)
         if res.centroids.shape[0] > 0:
             return _normalise(res.centroids[0])
     return _normalise(feats.mean(0))

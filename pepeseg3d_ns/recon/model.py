@@ -157,6 +157,12 @@ class PepeSplatfactoModel(SplatfactoModel):
             "colors": colors,
         }
 
+    def _visible_ids(self) -> Optional[torch.Tensor]:
+        """``bool [N]`` Gaussians rendered outside training (the viewer's crop box), None = all."""
+        if self.crop_box is None:
+            return None
+        return self.crop_box.within(self.means).squeeze()
+
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
         """Render one camera. Returns ``rgb [H, W, 3]``, ``depth [H, W, 1]`` (expected z-depth; only outside
         training unless ``output_depth_during_training``), ``accumulation [H, W, 1]`` and ``background``."""
@@ -174,11 +180,9 @@ class PepeSplatfactoModel(SplatfactoModel):
         else:
             c2w = camera.camera_to_worlds
 
-        crop_ids = None
-        if self.crop_box is not None and not self.training:
-            crop_ids = self.crop_box.within(self.means).squeeze()
-            if crop_ids.sum() == 0:
-                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
+        crop_ids = None if self.training else self._visible_ids()
+        if crop_ids is not None and crop_ids.sum() == 0:
+            return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
 
         scale = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / scale)

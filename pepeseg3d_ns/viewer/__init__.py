@@ -1,0 +1,1 @@
+"""nerfstudio viewer integration of pepe-contrast: click-to-segment controls (:mod:`.controls`)."""

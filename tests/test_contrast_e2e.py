@@ -1,0 +1,198 @@
+"""pepe-contrast end to end on CPU: a short pepe-recon run, then a short pepe-contrast run on its frozen geometry;
+losses fall, the checkpoint reloads through ns-eval's loader, the query API and `pepeseg3d segment` work."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
+
+pytestmark = pytest.mark.slow
+
+
+def _scalars(run_dir: Path, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def contrast_config(recon_config: Path, output_dir: Path, steps: int):
+    """A pepe-contrast TrainerConfig for a short CPU run on the scene of ``recon_config``."""
+    from pepeseg3d_ns.methods import pepe_contrast
+
+    c = copy.deepcopy(pepe_contrast.config)
+    c.pipeline.model.recon_checkpoint = recon_config
+    c.output_dir = output_dir
+    c.experiment_name = "tiny"
+    c.timestamp = "contrast"
+    c.machine.device_type = "cpu"
+    c.vis = "tensorboard"
+    c.max_num_iterations = steps
+    c.steps_per_save = steps
+    c.save_only_latest_checkpoint = True
+    c.logging.steps_per_log = 5
+    c.steps_per_eval_image = 10 * steps
+    c.pipeline.model.compute_lpips = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from nerfstudio.scripts.train import train_loop
+
+    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.priors.cli import Priors
+
+    scene = tmp_path_factory.mktemp("scene") / "tabletop"
+    generate_scene(SynthConfig(scene="tabletop", output_dir=scene, n_views=12, resolution=48, n_init_points=2000),
+                   progress=False)
+    Priors(data=scene, progress=False, preview=False).main()
+    out = tmp_path_factory.mktemp("runs")
+    recon = make_config(scene, out, steps=200, device="cpu")
+    recon.save_config()
+    train_loop(local_rank=0, world_size=1, config=recon)
+    recon_cfg = recon.get_base_dir() / "config.yml"
+    contrast = contrast_config(recon_cfg, out, steps=120)  # no --data: taken from the recon run
+    contrast.save_config()
+    train_loop(local_rank=0, world_size=1, config=contrast)
+    return scene, recon_cfg, contrast.get_base_dir() / "config.yml"
+
+
+def test_method_registered():
+    code = ("from nerfstudio.plugins.registry import discover_methods;"
+            "m, _ = discover_methods(); assert 'pepe-contrast' in m and 'pepe-recon' in m; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_missing_recon_checkpoint_is_a_clear_error(tmp_path):
+    from pepeseg3d_ns.contrast.model import resolve_recon_checkpoint
+
+    with pytest.raises(ValueError, match="recon-checkpoint"):
+        resolve_recon_checkpoint(None)
+    with pytest.raises(FileNotFoundError, match="ns-train pepe-recon"):
+        resolve_recon_checkpoint(tmp_path / "nothing" / "config.yml")
+
+
+def test_losses_fall_and_schedule_scaled(runs):
+    import yaml
+
+    _, _, cfg = runs
+    config = yaml.load(cfg.read_text(), Loader=yaml.Loader)
+    assert config.pipeline.model.centroid_start == 84 and config.pipeline.model.centroid_every == 10
+    run_dir = cfg.parent
+    lm = [v for _, v in _scalars(run_dir, "Train Loss Dict/contrast_loss")]
+    assert len(lm) >= 10, lm
+    first, last = np.mean(lm[:3]), np.mean(lm[-3:])
+    assert last < 0.8 * first, f"Lm did not fall: {first:.4f} -> {last:.4f}"
+    assert _scalars(run_dir, "Train Loss Dict/perception_loss")
+    assert _scalars(run_dir, "Train Loss Dict/centroid_loss"), "the centroid loss never ran"
+    centroids = _scalars(run_dir, "Train Metrics Dict/centroids_upper")
+    assert centroids and centroids[-1][1] > 0
+
+
+def test_checkpoint_reloads_with_features_centroids_and_scales(runs):
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from pepeseg3d_ns.priors.cache import PriorCache
+    from pepeseg3d_ns.priors.scales import load_scene_scales
+
+    scene, recon_cfg, cfg = runs
+    _, pipeline, _, step = eval_setup(cfg, test_mode="test")
+    model = pipeline.model
+    assert step == 119
+    assert model.gauss_features.shape == (model.num_points, 32)
+    assert model.knn.shape == (model.num_points, 16)
+    assert model.centroids_upper.shape[0] > 0 and len(model.bank_upper) == model.centroids_upper.shape[0]
+    assert not any(p.requires_grad for p in model.gauss_params.values())
+    scales = load_scene_scales(PriorCache.open(scene / "pepe_priors"))
+    assert "nerfstudio_models" in scales.source["checkpoint"]
+    cam = pipeline.datamanager.eval_dataset.cameras[0:1]
+    out = model.get_outputs_for_camera(cam)
+    assert out["feature_pca"].shape == (48, 48, 3) and out["rgb"].shape == (48, 48, 3)
+
+
+def test_ns_eval_cli(runs, tmp_path):
+    _, _, cfg = runs
+    out_json = tmp_path / "eval.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["ns-eval", "--load-config", str(cfg), "--output-path", str(out_json)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    import json
+
+    results = json.loads(out_json.read_text())["results"]
+    for key in ("psnr", "miou", "macc", "mbiou", "miou_parts", "miou_objects", "miou_groups"):
+        assert key in results, sorted(results)
+        assert 0.0 <= results[key] <= 100.0
+    assert 0.0 <= results["miou"] <= 1.0
+    seg = results["segmentation"]
+    assert set(seg["per_object"]) == {"parts", "objects", "groups"}
+    assert all(c["reference"].startswith("train:") for c in seg["choices"])  # never an eval view
+
+
+def test_decompose_cli(runs, tmp_path):
+    from PIL import Image
+
+    _, _, cfg = runs
+    out = tmp_path / "dec"
+    proc = subprocess.run(["pepeseg3d", "decompose", "--load-config", str(cfg), "--scales", "0.1", "0.9",
+                           "--max-views", "3", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape == (3 * 48 * 2, 3 * 48 * 2, 3)
+    assert len(list((out / "s0.1").glob("*.png"))) == 3
+
+
+def test_query_api_selects_consistently(runs):
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from pepeseg3d_ns.contrast.query import query_from_pixels, render_view, segment_view, select_gaussians, similarity_map
+
+    _, _, cfg = runs
+    _, pipeline, _, _ = eval_setup(cfg, test_mode="test")
+    model = pipeline.model
+    view = render_view(model, pipeline.datamanager.train_dataset.cameras[0:1])
+    q = query_from_pixels(view, 0.5, [(24, 30)])
+    sim = similarity_map(view, 0.5, q)
+    assert sim[30, 24] > 0.999  # the clicked pixel matches itself
+    mask = segment_view(view, 0.5, q, threshold=0.7)
+    assert mask[30, 24] and 0 < mask.sum() < 48 * 48
+    sel = select_gaussians(model, 0.5, q, threshold=0.7)
+    assert 0 < sel.sum() < model.num_points
+    with pytest.raises(ValueError, match="outside"):
+        query_from_pixels(view, 0.5, [(100, 3)])
+    with pytest.raises(ValueError, match="scale"):
+        query_from_pixels(view, 1.5, [(3, 3)])
+
+
+def test_segment_cli_writes_ply_and_masks(runs, tmp_path):
+    from plyfile import PlyData
+
+    from pepeseg3d_ns.export import splat_ply_properties
+
+    _, _, cfg = runs
+    out = tmp_path / "seg"
+    proc = subprocess.run(["pepeseg3d", "segment", "--load-config", str(cfg), "--click", "24", "30", "--click", "10", "40",
+                           "--view", "1", "--scale", "0.5", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    idx = np.load(out / "selection_indices.npy")
+    ply = PlyData.read(str(out / "selection.ply"))
+    v = ply["vertex"]
+    assert v.count == idx.size > 0
+    names = [p.name for p in v.properties]
+    assert names == splat_ply_properties(15)  # SH degree 3
+    assert len(list((out / "masks").glob("*.png"))) == 11  # every training view
+    assert (out / "overlay.png").is_file()
