@@ -351,10 +351,16 @@ class ViewerPage:
         """Current value of the dropdown labelled ``label`` (e.g. ``"Output type"`` -> ``"rgb"``)."""
         return self._input_for(label, nth).input_value()
 
+    def _open_dropdown(self, label: str, nth: int = 0):
+        box = self._input_for(label, nth)
+        if box.is_disabled():
+            raise ValueError(f"dropdown {label!r} is disabled (nerfstudio disables 'Colormap' for rgb outputs)")
+        box.click()
+        return box
+
     def dropdown_options(self, label: str, nth: int = 0) -> List[str]:
         """Options of the dropdown labelled ``label`` (opens it, reads the list, closes it with Escape)."""
-        box = self._input_for(label, nth)
-        box.click()
+        box = self._open_dropdown(label, nth)
         listbox = self.page.locator(f'[id="{box.get_attribute("aria-controls")}"]')
         listbox.get_by_role("option").first.wait_for(state="visible")
         options = [t.strip() for t in listbox.get_by_role("option").all_inner_texts()]
@@ -368,8 +374,7 @@ class ViewerPage:
         Raises:
             ValueError: no such dropdown, or ``value`` is not one of its options (the options are listed).
         """
-        box = self._input_for(label, nth)
-        box.click()
+        box = self._open_dropdown(label, nth)
         listbox = self.page.locator(f'[id="{box.get_attribute("aria-controls")}"]')
         listbox.get_by_role("option").first.wait_for(state="visible")
         option = listbox.get_by_role("option", name=value, exact=True)
@@ -627,3 +632,42 @@ def _run_viewer_with_click_probe() -> None:
 
     run_viewer._start_viewer = start_with_probe
     run_viewer.entrypoint()
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python tests/browser.py --load-config RUN/config.yml --output shot.png [--output-type depth]``: start the
+    viewer on a run, wait for a full-resolution frame of the chosen output, save a screenshot of the page (how
+    ``docs/images/viewer_pepe_recon.png`` was made)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--load-config", type=Path, required=True, help="a run's config.yml")
+    parser.add_argument("--output", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--output-type", default="rgb", help="value for the viewer's 'Output type' dropdown")
+    parser.add_argument("--max-res", type=int, default=None, help="set the viewer's 'Max res' slider")
+    parser.add_argument("--hide-train-cams", action="store_true", help="press 'Hide Train Cams' first")
+    parser.add_argument("--viewport", default="1200x800", help="browser window WIDTHxHEIGHT")
+    args = parser.parse_args(argv)
+    reason = browser_missing_reason()
+    if reason:
+        parser.exit(1, f"{reason}\n")
+    width, height = (int(v) for v in args.viewport.lower().split("x"))
+    with open_viewer(args.load_config, viewport=(width, height)) as (_, page):
+        if args.max_res is not None:
+            page.set_slider("Max res", args.max_res)
+        if args.hide_train_cams:
+            page.press_button("Hide Train Cams")
+            page.wait_for_text(r"^Show Train Cams$")
+        first = page.wait_for_render()
+        if args.output_type != page.dropdown_value("Output type"):
+            page.select_dropdown("Output type", args.output_type)
+            page.wait_for_change(first)
+        page.screenshot(args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,11 @@
 """End to end in a real browser: `ns-viewer --load-config` on a tiny pepe-recon run, opened in headless Chromium
 (tests/browser.py). Needs Debian's chromium and the playwright package (`bash scripts/install_browser.sh`):
 without them these tests fail when CI is set and skip otherwise.
-
-Set PEPESEG3D_DOCS_IMAGES=1 to also (re)write docs/images/viewer_pepe_recon.png from the rgb view.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from browser import REPO_ROOT, open_viewer, require_browser
+from browser import open_viewer, require_browser
 
 pytestmark = pytest.mark.slow
 
@@ -74,12 +71,6 @@ def test_output_type_rgb_and_depth_render_differently(tiny_recon_run, tmp_path):
         options = page.dropdown_options("Output type")
         assert {"rgb", "depth", "accumulation"} <= set(options), options
         page.screenshot(tmp_path / "viewer_rgb.png")
-        if os.environ.get("PEPESEG3D_DOCS_IMAGES"):
-            page.press_button("Hide Train Cams")
-            page.wait_for_text(r"^Show Train Cams$")
-            page.screenshot(REPO_ROOT / "docs" / "images" / "viewer_pepe_recon.png")
-            page.press_button("Show Train Cams")
-            rgb = page.wait_for_render()
 
         page.select_dropdown("Output type", "depth")
         depth = page.wait_for_change(rgb)

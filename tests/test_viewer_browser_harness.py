@@ -4,7 +4,6 @@ reported missing, CI fail-vs-skip, and that the viewer process group is started,
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
