@@ -51,7 +51,8 @@ class Synth:
 
 @dataclass
 class Demo:
-    """Synthesise the default scene, train pepe-recon on it, report held-out PSNR and write a comparison image."""
+    """Synthesise the default scene, train pepe-recon then pepe-contrast on it, report held-out PSNR and
+    segmentation mIoU per hierarchy level, and write pictures."""
 
     output_dir: Path = Path("demo_out")
     """Everything goes here: the scene, the nerfstudio run, the comparison image."""
@@ -63,6 +64,8 @@ class Demo:
     """Training iterations of pepe-recon."""
     device: Optional[Literal["cpu", "cuda"]] = None
     """Default: cuda when available, else cpu."""
+    contrast_steps: int = 2000
+    """Training iterations of pepe-contrast (0: stop after pepe-recon)."""
 
     def main(self) -> None:
         from pepeseg3d_ns.demo import run_demo

@@ -55,6 +55,53 @@ def make_config(data: Path, output_dir: Path, steps: int, device: str, seed: int
     return short_schedule(config, steps)
 
 
+def make_contrast_config(recon_config: Path, output_dir: Path, steps: int, device: str, seed: int = 0,
+                         timestamp: str = "demo"):
+    """A ``pepe-contrast`` TrainerConfig for a ``steps``-iteration run on the geometry (and scene) of the pepe-recon
+    run ``recon_config``; the schedule (centroid loss from 0.7 x steps) follows ``steps``."""
+    import yaml
+
+    from pepeseg3d_ns.methods import pepe_contrast
+    from pepeseg3d_ns.schedule import scale_schedule
+
+    recon = yaml.load(Path(recon_config).read_text(), Loader=yaml.Loader)
+    data = Path(recon.pipeline.datamanager.data or recon.data)
+    config = copy.deepcopy(pepe_contrast.config)
+    config.pipeline.model.recon_checkpoint = Path(recon_config)
+    config.data = data
+    config.pipeline.datamanager.data = data
+    config.output_dir = output_dir
+    config.experiment_name = data.name
+    config.timestamp = timestamp
+    config.machine.device_type = device
+    config.machine.seed = seed
+    config.vis = "tensorboard"
+    config.max_num_iterations = steps
+    config.steps_per_save = steps
+    config.save_only_latest_checkpoint = True
+    config.steps_per_eval_image = 10 * steps
+    config.steps_per_eval_all_images = 10 * steps
+    config.logging.steps_per_log = max(1, min(50, steps // 40))
+    config.logging.local_writer.enable = True
+    config.pipeline.model.compute_lpips = False
+    scale_schedule(config, steps)
+    return config
+
+
+def evaluate_segmentation(config_path: Path, threshold: float = 0.7, max_objects_per_level: Optional[int] = None,
+                          progress: bool = True) -> Dict:
+    """Label propagation (:mod:`pepeseg3d_ns.eval.propagation`) on a finished pepe-contrast run: the summary
+    (``overall`` / ``per_level`` mIoU, mAcc, mBIoU) and the per-object choices."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from pepeseg3d_ns.eval.propagation import PropagationConfig, propagate_labels
+
+    _, pipeline, _, _ = eval_setup(Path(config_path), test_mode="test")
+    pipeline.eval()
+    return propagate_labels(pipeline, PropagationConfig(threshold=threshold, max_objects_per_level=max_objects_per_level),
+                            progress=progress)
+
+
 def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -99,17 +146,19 @@ def run_demo(
     seed: int = 0,
     steps: int = 2000,
     device: Optional[str] = None,
+    contrast_steps: int = 2000,
 ) -> Dict[str, float]:
-    """Synthesise (or reuse) a scene, build its simulated perception priors, train ``pepe-recon`` for ``steps``
-    iterations with the priors attached, measure the mask scales with the trained geometry, evaluate held-out
-    views.
+    """The whole method on a synthetic scene: synthesise (or reuse) it, build its simulated perception priors,
+    train ``pepe-recon`` for ``steps`` iterations, evaluate held-out views (PSNR), then train ``pepe-contrast``
+    for ``contrast_steps`` on the frozen geometry (which measures the mask scales first) and evaluate it by label
+    propagation on the held-out views (mIoU / mAcc / mBIoU per hierarchy level).
 
-    Writes ``<output_dir>/demo_comparison.png``, ``<output_dir>/demo_report.json`` and the scene's
-    ``pepe_priors/`` (``preview.png``, ``scales.json``); returns the report.
+    Writes ``<output_dir>/demo_comparison.png`` (GT | render | depth), ``<output_dir>/decomposition/`` (HDBSCAN
+    clusters at three scales, contact sheet), ``<output_dir>/demo_report.json`` and the scene's ``pepe_priors/``
+    (``preview.png``, ``scales.json``); returns the report.
     """
     from nerfstudio.scripts.train import train_loop
 
-    from pepeseg3d_ns.cli import Scales
     from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
     from pepeseg3d_ns.priors.cli import Priors
 
@@ -130,17 +179,35 @@ def run_demo(
     t_train = time.perf_counter() - t1
 
     config_path = config.get_base_dir() / "config.yml"
-    Scales(load_config=config_path).main()
     report = evaluate_run(config_path, picture=output_dir / "demo_comparison.png")
     report.update(
         {"scene": scene, "resolution": resolution, "steps": steps, "device": device,
          "synth_s": round(t_synth, 1), "train_s": round(t_train, 1), "config": str(config_path)}
     )
-    (output_dir / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(
         f"\npepe-recon on '{scene}' ({resolution}px, {steps} steps, {device}): held-out PSNR {report['psnr']:.2f} dB, "
         f"SSIM {report['ssim']:.3f} over {report['n_eval_views']} views, {report['num_gaussians']} Gaussians; "
-        f"training took {t_train:.0f} s.\nPicture (GT | render | depth): {output_dir / 'demo_comparison.png'}\n"
-        f"Run: {config_path}  (ns-viewer --load-config {config_path})"
+        f"training took {t_train:.0f} s.\nPicture (GT | render | depth): {output_dir / 'demo_comparison.png'}"
     )
+    if contrast_steps > 0:
+        # stage 2 measures the mask scales on the frozen geometry itself (pepe_priors/scales.json)
+        from pepeseg3d_ns.decompose import run_decompose
+        from pepeseg3d_ns.eval.propagation import format_summary
+
+        cconfig = make_contrast_config(config_path, output_dir / "runs", contrast_steps, device, seed)
+        cconfig.save_config()
+        t2 = time.perf_counter()
+        train_loop(local_rank=0, world_size=1, config=cconfig)
+        t_contrast = time.perf_counter() - t2
+        cpath = cconfig.get_base_dir() / "config.yml"
+        seg = evaluate_segmentation(cpath)
+        dec = run_decompose(cpath, scales=(0.1, 0.5, 0.9), output_dir=output_dir / "decomposition", split="eval",
+                            max_views=3, progress=False)
+        report.update({"contrast_steps": contrast_steps, "contrast_s": round(t_contrast, 1), "contrast_config": str(cpath),
+                       "segmentation": seg["summary"]["per_level"], "segmentation_overall": seg["summary"]["overall"],
+                       "decomposition": dec["contact_sheet"]})
+        print(f"\npepe-contrast ({contrast_steps} steps, {t_contrast:.0f} s), label propagation on held-out views "
+              f"(cosine >= 0.7):\n{format_summary(seg['summary'])}Decomposition (rgb | s=0.1 | 0.5 | 0.9): "
+              f"{dec['contact_sheet']}\nRun: {cpath}  (ns-viewer --load-config {cpath})")
+    (output_dir / "demo_report.json").write_text(json.dumps(report, indent=2))
     return report
