@@ -146,6 +146,38 @@ class Decompose:
 
 
 @dataclass
+class Benchmark:
+    """Segmentation benchmark (paper Table 3 rows: contrastive only / + PePE reconstruction / + perception loss /
+    + consistency) by label propagation: the synthetic suite, or one SPIn-NeRF / LERF-Mask scene with --data.
+    Writes OUTPUT_DIR/benchmark.md (mIoU / mAcc / mBIoU / cross-view consistency per level) and consistency.png;
+    finished runs are reused."""
+
+    output_dir: Path = Path("benchmark_out")
+    scenes: Tuple[str, ...] = ("tabletop", "shelf", "garden")
+    rows: Tuple[str, ...] = ()
+    """Only these rows (names as in the table); default all four."""
+    data: Optional[Path] = None
+    """An existing scene folder (with its priors cache) instead of the synthetic suite."""
+    dataparser: Literal["synthetic", "spinnerf", "lerf-mask"] = "synthetic"
+    resolution: int = 128
+    n_views: int = 40
+    recon_steps: int = 2000
+    contrast_steps: int = 2000
+    device: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0
+    threshold: float = 0.7
+
+    def main(self) -> None:
+        from pepeseg3d_ns.eval.benchmark import BenchmarkSettings, format_table, run_benchmark
+
+        settings = BenchmarkSettings(self.resolution, self.n_views, self.recon_steps, self.contrast_steps, self.device,
+                                     self.seed, self.threshold)
+        results = run_benchmark(self.output_dir, self.scenes, settings, self.rows, self.data, self.dataparser)
+        print(format_table(results))
+        print(f"written to {self.output_dir / 'benchmark.md'} and {self.output_dir / 'consistency.png'}")
+
+
+@dataclass
 class BenchRender:
     """Time the rasterizer's forward and forward+backward and record peak memory, for several scene sizes."""
 
@@ -226,6 +258,7 @@ def entrypoint() -> None:
     """Console script ``pepeseg3d``."""
     cmd = tyro.extras.subcommand_cli_from_dict(
         {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment, "decompose": Decompose,
+         "benchmark": Benchmark,
          "bench-render": BenchRender,
          "bench-priors": BenchPriors},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
