@@ -1,0 +1,144 @@
+"""pepe-contrast step benchmark: synthetic inputs, one in-process step, markdown, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pepeseg3d_ns.contrast import step_bench as sb
+
+
+def test_make_batch_masks_nest_and_scales_follow_area():
+    H, W, M = 24, 40, 30
+    b = sb.make_batch((H, W), num_masks=M, seed=3)
+    masks = b["sam_masks"]
+    assert masks.shape == (M, H, W) and masks.dtype == torch.bool
+    assert b["image"].shape == (H, W, 3) and b["image"].dtype == torch.float32
+    assert float(b["image"].min()) >= 0 and float(b["image"].max()) <= 1
+    assert b["depth_prior"].shape == (H, W, 1) and bool((b["depth_prior"] > 0).all())
+    areas = b["sam_mask_areas"]
+    assert areas.dtype == torch.int64 and torch.equal(areas, masks.flatten(1).sum(1))
+    assert bool((areas > 0).all())
+    n_top = M // 10
+    for m in range(n_top, M):  # every lower-level mask lies inside an earlier one
+        assert any(bool((masks[m] & ~masks[p]).sum() == 0) for p in range(m)), m
+    s = b["mask_scales"]
+    assert s.shape == (M,) and s.dtype == torch.float32
+    assert float(s.min()) == 0.0 and float(s.max()) == 1.0
+    assert len(set(s.tolist())) == M
+    i, j = torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij")
+    bigger = areas[i] > areas[j]
+    assert bool((s[i] > s[j])[bigger].all())
+    # deterministic
+    b2 = sb.make_batch((H, W), num_masks=M, seed=3)
+    assert all(torch.equal(b[k], b2[k]) for k in b)
+
+
+def test_checkpoint_is_readable_and_in_front_of_the_camera(tmp_path):
+    from pepeseg3d_ns.contrast.model import load_recon_geometry
+    from pepeseg3d_ns.render.cameras import viewmat_from_c2w
+
+    ckpt = sb.make_recon_checkpoint(tmp_path, 500, sh_degree=2)
+    geo, path, step = load_recon_geometry(ckpt)
+    assert path == ckpt and step == 0
+    assert geo["means"].shape == (500, 3) and geo["quats"].shape == (500, 4) and geo["scales"].shape == (500, 3)
+    assert geo["features_rest"].shape == (500, 8, 3) and geo["opacities"].shape == (500, 1)
+    assert float(geo["scales"].max()) < 0  # log standard deviations (< 1 unit)
+    cam = sb.make_camera((32, 48))
+    assert int(cam.height) == 32 and int(cam.width) == 48
+    vm = viewmat_from_c2w(cam.camera_to_worlds)
+    assert torch.allclose(vm[0], torch.eye(4), atol=1e-6)  # OpenCV camera frame == world
+    z = geo["means"][:, 2]
+    assert bool((z >= 2).all() and (z <= 4).all())
+    K = cam.get_intrinsics_matrices()[0]
+    uv = (geo["means"] @ K.T)[:, :2] / z[:, None]
+    inside = (uv[:, 0] >= 0) & (uv[:, 0] < 48) & (uv[:, 1] >= 0) & (uv[:, 1] < 32)
+    assert float(inside.float().mean()) > 0.4
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="resolution"):
+        sb.make_batch((3, 3))
+    with pytest.raises(ValueError, match="resolution"):
+        sb.make_camera((32,))
+    with pytest.raises(ValueError, match="num_masks"):
+        sb.make_batch((16, 16), num_masks=0)
+    with pytest.raises(ValueError, match="at least 2 Gaussians"):
+        sb.make_recon_checkpoint(tmp_path, 1)
+    with pytest.raises(ValueError, match="at least one value"):
+        sb.run_contrast_step_bench(sizes=())
+    with pytest.raises(ValueError, match="repeats"):
+        sb.run_contrast_step_bench(repeats=0)
+    with pytest.raises(ValueError, match="device"):
+        sb.run_contrast_step_bench(device="tpu")
+    with pytest.raises(ValueError, match="at least one row"):
+        sb.format_markdown([])
+    with pytest.raises(SystemExit, match="HxW"):
+        sb.BenchContrast(resolutions=("128",)).main()
+
+
+def test_one_step_in_process_trains_only_features_and_gate(tmp_path):
+    torch.set_num_threads(1)
+    model, info = sb.build_model(sb.make_recon_checkpoint(tmp_path, 300), centroid_start=10**6)
+    assert info["setup_s"] > 0 and info["knn_s"] > 0 and info["knn_s"] <= info["setup_s"]
+    assert model.knn.shape == (300, 16) and model.training
+    opt = sb.make_optimizer(model)
+    cam, batch = sb.make_camera((24, 24)), sb.make_batch((24, 24), num_masks=12)
+    feats0, means0 = model.gauss_features.detach().clone(), model.gauss_params["means"].detach().clone()
+    gate0 = [p.detach().clone() for p in model.scale_gate.parameters()]
+    t = sb.train_step(model, opt, cam, batch, step=0)
+    parts = ("forward", "loss", "backward", "optimizer")
+    assert all(t[k] > 0 for k in parts)
+    assert t["total"] == pytest.approx(sum(t[k] for k in parts))
+    assert math.isfinite(t["loss_value"]) and t["loss_value"] > 0
+    assert not torch.equal(model.gauss_features.detach(), feats0)
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(model.scale_gate.parameters(), gate0))
+    assert torch.equal(model.gauss_params["means"], means0)
+    assert model.gauss_features.grad is None  # zero_grad(set_to_none=True)
+    assert len(model.bank_upper) == 0  # no centroid refresh before centroid_start
+
+
+def test_format_markdown_handmade_rows():
+    row = {"gaussians": 50000, "height": 128, "width": 128, "threads": 1, "setup_s": 1.234, "knn_s": 0.5,
+           "plain_total_s": 0.75, "plain_forward_s": 0.25, "plain_loss_s": 0.2, "plain_backward_s": 0.25,
+           "plain_optimizer_s": 0.05, "lc_total_s": 0.8, "refresh_total_s": 3.5, "step_peak_mib": 41.6,
+           "peak_mib": 300.2,
+           "profile": {"plain": {"step: forward": 0.5, "step: loss": 0.25, "step: backward": 0.25,
+                                 "knn smoothing fwd": 0.125}}}
+    err = {"gaussians": 200000, "height": 256, "width": 256, "threads": 2, "error": "timeout after 10 s"}
+    md = sb.format_markdown([row, err])
+    lines = md.splitlines()
+    assert lines[0].startswith("| Gaussians | px | threads |")
+    assert lines[2] == ("| 50000 | 128×128 | 1 | 1.23 | 0.50 | **0.750** | 0.250 | 0.200 | 0.250 | 0.050 | 0.800 "
+                        "| 3.50 | 42 | 300 |")
+    assert lines[3] == "| 200000 | 256×256 | 2 | error: timeout after 10 s |"
+    assert "| knn smoothing fwd | 0.125 (12 %) |" in md
+    assert "| **step: forward** | 0.500 (50 %) |" in md
+    assert "step: optimizer" not in md  # parts missing from every profile are left out
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_in_fresh_process(tmp_path):
+    out = tmp_path / "bench.md"
+    rows = sb.run_contrast_step_bench(sizes=(2000,), resolutions=((32, 32),), threads=(1,), repeats=2, output=out,
+                                      log=False)
+    assert len(rows) == 1
+    r = rows[0]
+    assert "error" not in r, r.get("error")
+    assert (r["gaussians"], r["height"], r["width"], r["threads"], r["torch_threads"]) == (2000, 32, 32, 1, 1)
+    for kind in ("plain", "lc", "refresh"):
+        parts = [r[f"{kind}_{k}_s"] for k in ("forward", "loss", "backward", "optimizer")]
+        assert all(p > 0 for p in parts) and r[f"{kind}_total_s"] > 0, kind
+    assert 0 < r["knn_s"] <= r["setup_s"]
+    assert math.isfinite(r["peak_mib"]) and math.isfinite(r["step_peak_mib"]) and r["rss_base_mib"] > 0
+    assert 0 < r["covered_px"] <= 32 * 32
+    assert len(r["centroids"]) == 2
+    prof = r["profile"]
+    assert "HDBSCAN (cluster_features)" in prof["refresh"] and "HDBSCAN (cluster_features)" not in prof["plain"]
+    for part in ("knn smoothing fwd", "knn smoothing bwd", "compositing fwd", "compositing bwd", "sampling: pairs",
+                 "step: backward", "step: optimizer"):
+        assert prof["plain"].get(part, 0) > 0, part
+    md = out.read_text()
+    assert md.startswith("| Gaussians |") and "| 2000 | 32×32 | 1 |" in md and "refresh step" in md
