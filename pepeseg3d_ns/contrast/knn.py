@@ -212,34 +212,39 @@ def _knn_torch(
             upper = d2[:, :, -1].masked_fill(~valid, float("-inf"))  # [c, B]; inf if < k points were seen
             # (B) leaves a query point may need: point-to-box distance <= U(q); superset by box gap <= max U
             need_box = gap <= upper.max(dim=1).values[:, None]  # [c, L]
-            smax = int(need_box.sum(dim=1).max())
-            sv, sidx = torch.topk(need_box.to(torch.int8), smax, dim=1, sorted=False)  # ids of superset leaves
-            sup_ok = sv.bool()  # [c, smax]
-            qp = pts[q_ids.clamp(min=0)]  # [c, B, 3]
-            g = torch.clamp(
-                torch.maximum(lo[sidx][:, None] - qp[:, :, None], qp[:, :, None] - hi[sidx][:, None]), min=0
-            )
-            p2b = _sum_sq3(g)  # [c, B, smax]
-            need = (p2b <= upper[:, :, None]) & sup_ok[:, None, :]
-            need_leaf = need.any(dim=1)  # [c, smax]: union over the leaf's points
-            counts = need_leaf.sum(dim=1)
-            # (C) exact pass: every point against all points of its leaf's needed leaves; batch leaves of
-            # similar candidate counts together to bound padding and memory
-            order = torch.argsort(counts, descending=True)
-            counts_sorted = counts[order].tolist()
-            i = 0
-            while i < c:
-                mcount = max(1, counts_sorted[i])
-                per = max(1, budget // (bmax * mcount * bmax))
-                rows = order[i : i + per]
-                nv, nid = torch.topk(need_leaf[rows].to(torch.int8), mcount, dim=1, sorted=False)
-                leaves = sidx[rows].gather(1, nid)
-                cand = table[leaves].reshape(len(rows), -1)
-                cand = cand.masked_fill(~nv.bool().repeat_interleave(bmax, dim=1), -1)
-                _, ids = _candidates(pts, q_ids[rows], cand, k)
-                vr = valid[rows]
-                out[q_ids[rows][vr]] = ids[vr]
-                i += per
+            n_sup = need_box.sum(dim=1)
+            sup_order = torch.argsort(n_sup, descending=True)
+            sup_sorted = n_sup[sup_order].tolist()
+            j = 0
+            while j < c:  # groups of query leaves with similar superset sizes (bounded memory)
+                smax = max(1, sup_sorted[j])
+                grp = sup_order[j : j + max(1, budget // (bmax * smax))]
+                j += len(grp)
+                sv, sidx = torch.topk(need_box[grp].to(torch.int8), smax, dim=1, sorted=False)  # superset ids
+                qg, ug = q_ids[grp], upper[grp]
+                qp = pts[qg.clamp(min=0)]  # [g, B, 3]
+                gb = torch.clamp(
+                    torch.maximum(lo[sidx][:, None] - qp[:, :, None], qp[:, :, None] - hi[sidx][:, None]), min=0
+                )
+                need = (_sum_sq3(gb) <= ug[:, :, None]) & sv.bool()[:, None, :]  # [g, B, smax]
+                need_leaf = need.any(dim=1)  # [g, smax]: union over the leaf's points
+                counts = need_leaf.sum(dim=1)
+                # (C) exact pass: every point against all points of its leaf's needed leaves; leaves with
+                # similar candidate counts are batched together to bound padding and memory
+                order = torch.argsort(counts, descending=True)
+                counts_sorted = counts[order].tolist()
+                i = 0
+                while i < len(grp):
+                    mcount = max(1, counts_sorted[i])
+                    rows = order[i : i + max(1, budget // (bmax * mcount * bmax))]
+                    i += len(rows)
+                    nv, nid = torch.topk(need_leaf[rows].to(torch.int8), mcount, dim=1, sorted=False)
+                    leaves = sidx[rows].gather(1, nid)
+                    cand = table[leaves].reshape(len(rows), -1)
+                    cand = cand.masked_fill(~nv.bool().repeat_interleave(bmax, dim=1), -1)
+                    _, ids = _candidates(pts, qg[rows], cand, k)
+                    vr = qg[rows] >= 0
+                    out[qg[rows][vr]] = ids[vr]
             bar.update(int(valid.sum()))
     return out
 
