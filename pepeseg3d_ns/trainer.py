@@ -21,6 +21,14 @@ class PepeTrainerConfig(TrainerConfig):
     learning-rate decay) to --max-num-iterations; fields you set yourself are kept. False: splatfacto's 30k-step
     numbers as they are."""
 
+    def __post_init__(self) -> None:
+        # ns-train pepe-contrast without --data: the scene of the pepe-recon run (before the output folder, which
+        # is named after the scene, is decided)
+        try:
+            data_from_recon_run(self)
+        except Exception:  # a missing recon run is reported clearly when the model is built
+            pass
+
 
 class PepeTrainer(Trainer):
     """Applies :func:`pepeseg3d_ns.schedule.scale_schedule` before the pipeline is built and re-saves
@@ -29,7 +37,7 @@ class PepeTrainer(Trainer):
     config: PepeTrainerConfig
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
-        self._data_from_recon_run()
+        data_from_recon_run(self.config)
         if getattr(self.config, "scale_schedule", False):
             from pepeseg3d_ns.schedule import scale_schedule
 
@@ -43,21 +51,23 @@ class PepeTrainer(Trainer):
                     self.config.save_config()
         super().setup(test_mode=test_mode)
 
-    def _data_from_recon_run(self) -> None:
-        """pepe-contrast without --data: use the scene the pepe-recon run was trained on."""
-        model = self.config.pipeline.model
-        dm = self.config.pipeline.datamanager
-        if getattr(model, "recon_checkpoint", None) is None or (dm.data is not None or self.config.data is not None):
-            return
-        import yaml
 
-        from pepeseg3d_ns.contrast.model import recon_config_path
+def data_from_recon_run(config) -> None:
+    """pepe-contrast without --data: set ``config.data`` (and the datamanager's) to the scene the pepe-recon run
+    named by ``--pipeline.model.recon-checkpoint`` was trained on. No-op for other configs or when data is set."""
+    model = config.pipeline.model
+    dm = config.pipeline.datamanager
+    if getattr(model, "recon_checkpoint", None) is None or (dm.data is not None or config.data is not None):
+        return
+    import yaml
 
-        cfg_path = recon_config_path(model.recon_checkpoint)
-        if cfg_path is None:
-            return
-        recon = yaml.load(cfg_path.read_text(), Loader=yaml.Loader)
-        data = recon.pipeline.datamanager.data or recon.data
-        if data is not None:
-            CONSOLE.log(f"--data not given: using the pepe-recon run's scene {data}")
-            dm.data = self.config.data = Path(data)
+    from pepeseg3d_ns.contrast.model import recon_config_path
+
+    cfg_path = recon_config_path(model.recon_checkpoint)
+    if cfg_path is None:
+        return
+    recon = yaml.load(cfg_path.read_text(), Loader=yaml.Loader)
+    data = recon.pipeline.datamanager.data or recon.data
+    if data is not None:
+        CONSOLE.log(f"--data not given: using the pepe-recon run's scene {data}")
+        dm.data = config.data = Path(data)
