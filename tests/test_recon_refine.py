@@ -122,3 +122,18 @@ def test_split_children_cover_the_parent_and_reindex_optimizer_state():
     # two half-width children 1.7 sigma apart make a two-humped profile: pixel-wise they differ from the parent
     # by about a third of its mass (0.32 here), while mass, centre and spread match
     assert (after - before).abs().sum() / before.sum() < 0.35
+
+
+def test_near_surface_fraction_applies_to_the_candidates():
+    """lambda_close picks among the Gaussians crossing a boundary, not among all visible ones."""
+    n = 10
+    depths = torch.arange(n, dtype=torch.float32) + 1.0  # gap to the rendered depth (1.0) = index
+    means2d = torch.full((n, 2), 2.5)
+    radii = torch.ones(n, dtype=torch.int32)
+    rendered = torch.ones(4, 4)
+    cand = torch.zeros(n, dtype=torch.bool)
+    cand[5:] = True
+    out = near_surface(depths, means2d, radii, rendered, fraction=0.2, candidates=cand)
+    assert out.nonzero().flatten().tolist() == [5]  # 20 % of 5 candidates = 1, the nearest of them
+    assert near_surface(depths, means2d, radii, rendered, fraction=0.2).nonzero().flatten().tolist() == [0, 1]
+    assert not near_surface(depths, means2d, radii, rendered, 0.5, candidates=torch.zeros(n, dtype=torch.bool)).any()

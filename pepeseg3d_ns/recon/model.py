@@ -274,7 +274,8 @@ class PepeReconModelConfig(PepeSplatfactoModelConfig):
     refine_views_factor: float = 2.0
     """Refinement lasts refine_views_factor x (number of training views) steps, one view per step."""
     refine_close_fraction: float = 0.1
-    """lambda_close: only this fraction of the view's Gaussians, those nearest the rendered surface, may split."""
+    """lambda_close: of the Gaussians crossing a mask boundary in the view, only this fraction, those nearest the
+    rendered surface, split."""
 
 
 class PepeReconModel(PepeSplatfactoModel):
@@ -351,8 +352,8 @@ class PepeReconModel(PepeSplatfactoModel):
             return
         means2d, conics = info["means2d"][0].detach(), info["conics"][0].detach()
         radii, depths = info["radii"][0], info["depths"][0].detach()
-        near = near_surface(depths, means2d, radii, depth, self.config.refine_close_fraction)
-        split = near & crosses_mask_boundary(means2d, conics, masks)
+        crossing = crosses_mask_boundary(means2d, conics, masks)
+        split = near_surface(depths, means2d, radii, depth, self.config.refine_close_fraction, candidates=crossing)
         self._last_splits = split_along_major_axis(self.gauss_params, self.optimizers, self.strategy_state, split)
         self._total_splits = getattr(self, "_total_splits", 0) + self._last_splits
         self._refine_inputs = None

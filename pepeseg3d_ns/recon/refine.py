@@ -15,7 +15,7 @@ The split itself and its integration with splatfacto's densification are still t
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -77,21 +77,26 @@ def crosses_mask_boundary(
 
 
 def near_surface(
-    depths: Tensor, means2d: Tensor, radii: Tensor, rendered_depth: Tensor, fraction: float = 0.1
+    depths: Tensor, means2d: Tensor, radii: Tensor, rendered_depth: Tensor, fraction: float = 0.1,
+    candidates: Optional[Tensor] = None,
 ) -> Tensor:
-    """``bool [N]``: the ``fraction`` (lambda_close) of visible Gaussians whose camera depth is closest to the
-    rendered depth at their centre pixel.
+    """``bool [N]``: the ``fraction`` (lambda_close) of the visible Gaussians (among ``candidates`` when given)
+    whose camera depth is closest to the rendered depth at their centre pixel.
 
     Args:
         depths: ``[N]`` camera-space z of each Gaussian.
         means2d: ``[N, 2]`` pixel coordinates; radii ``[N]`` (0 = not visible in this view).
         rendered_depth: ``[H, W]`` expected z-depth rendered for the view.
-        fraction: share of the visible Gaussians to keep (at least one when any is visible).
+        fraction: share of the pool to keep (at least one when the pool is not empty).
+        candidates: optional ``bool [N]``: the pool is the visible candidates (pepe-recon passes the Gaussians
+            crossing a mask boundary, so lambda_close applies to those, as in the paper).
     """
     h, w = rendered_depth.shape
     px = torch.floor(means2d[:, 0]).long()
     py = torch.floor(means2d[:, 1]).long()
     visible = (radii > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    if candidates is not None:
+        visible = visible & candidates
     out = torch.zeros_like(visible)
     n_vis = int(visible.sum())
     if n_vis == 0:
