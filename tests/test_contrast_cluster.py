@@ -102,6 +102,13 @@ def test_deterministic_for_fixed_seed():
     assert torch.equal(d.labels, e.labels)
 
 
+def test_auto_prefers_sklearn():
+    if "sklearn" not in METHODS:
+        pytest.skip("scikit-learn without HDBSCAN")
+    x, _, _ = blobs()
+    assert cluster_features(x, min_cluster_size=20).method == "sklearn"
+
+
 def test_too_few_points_gives_no_cluster():
     x, _, _ = blobs(n=12)
     res = cluster_features(x, method=LIGHT, min_cluster_size=20)
@@ -135,10 +142,10 @@ def test_bad_input():
 def test_auto_falls_back_with_one_warning(monkeypatch):
     if "hdbscan" not in METHODS:
         pytest.skip("needs the hdbscan package")
-    monkeypatch.setattr(cl, "_importable", lambda m: m != "fast_hdbscan")
+    monkeypatch.setattr(cl, "_importable", lambda m: m != "sklearn")
     monkeypatch.setattr(cl, "_warned_fallback", False)
     x, gt, _ = blobs()
-    with pytest.warns(RuntimeWarning, match="fast_hdbscan"):
+    with pytest.warns(RuntimeWarning, match="sklearn"):
         res = cluster_features(x, method="auto", min_cluster_size=20)
     assert res.method == "hdbscan"
     with warnings.catch_warnings():

@@ -15,18 +15,22 @@ Recipe (``cluster_features``):
 4. Clusters are renumbered by final size, largest first (ties: order of HDBSCAN's own labels); final centroids are
    recomputed from all final members.
 
-Defaults, from the measurements in ``docs/contrast_bench.md`` (32-d synthetic clustered data on this 2-core CPU):
-``max_points = 10_000`` (HDBSCAN time grows faster than linearly with the subsample -- about 4 s at 10k and 15-40 s
-at 30k here -- while the adjusted Rand index of the *final* labels of all points is already at its plateau at
-5k-10k; 10k keeps the smallest objects worth a centroid, a few % of the pixels, at >= 100 sampled points);
-``min_cluster_size = max(5, ceil(0.005 * S))`` for a subsample of ``S`` points (clusters below 0.5 % are noise);
-``min_samples = min(min_cluster_size, 10)`` (counting the point itself, as hdbscan/scikit-learn do).
+Defaults, from the measurements in ``docs/contrast_bench.md`` (60k synthetic 32-d unit features, 16 blobs + 5 %
+noise, and a 4 x 4 two-level set; this 2-core CPU): ``max_points = 5000``. The adjusted Rand index of the final
+labels of *all* points is already at its plateau with a 2k subsample (0.853 / 0.855 / 0.859 / 0.874 at 2k / 5k /
+10k / 30k, the small rise being noise points kept as noise), while exact HDBSCAN time grows faster than linearly
+(scikit-learn 1.9 / 4.5 / 12.4 / 139 s); 5k rather than 2k keeps an object covering 1 % of the pixels at ~50
+sampled points, twice the default ``min_cluster_size``. ``min_cluster_size = max(5, ceil(0.005 * S))`` for a
+subsample of ``S`` points (clusters below 0.5 % of the sample are noise); ``min_samples = min(min_cluster_size,
+10)`` (counting the point itself, as hdbscan/scikit-learn do).
 
-Implementations (``method``): ``"fast_hdbscan"`` (numba, parallel; see ``_run_fast_hdbscan`` for how the exact
-kd-tree path is used above 30 dimensions), ``"hdbscan"`` (the hdbscan package, Boruvka kd-tree), ``"sklearn"``
-(``sklearn.cluster.HDBSCAN``) and ``"auto"`` = the fastest by our measurement, ``fast_hdbscan``, falling back to
-``hdbscan`` then ``sklearn`` (one warning) when it does not import. Results agree across implementations up to the
-tie-breaking inside HDBSCAN (ARI 1.0 on well separated data).
+Implementations (``method``): ``"sklearn"`` (``sklearn.cluster.HDBSCAN``), ``"hdbscan"`` (the hdbscan package,
+Borůvka kd-tree), ``"fast_hdbscan"`` (numba; on 30 principal directions, see ``_run_fast_hdbscan``) and
+``"auto"`` = scikit-learn, the fastest at the default subsample in our measurement (tied with hdbscan, and it
+agrees with fast_hdbscan's exact path on the two-level data where hdbscan picks another level), falling back to
+``hdbscan`` then ``fast_hdbscan`` (one warning) when it does not import. fast_hdbscan's own path for more than 30
+dimensions (pynndescent) was fastest at 30k points (6.7 s) but compiles for 90-250 s in every new process and is
+not used.
 
 If the (sub)sample has fewer than ``min_cluster_size`` points, no cluster can exist and **no cluster** is returned
 (all labels -1, ``centroids [0, D]``); HDBSCAN likewise returns no cluster for structureless data unless
@@ -48,9 +52,9 @@ from torch import Tensor
 
 __all__ = ["ClusterResult", "cluster_features", "label_colors", "available_methods", "DEFAULT_MAX_POINTS"]
 
-DEFAULT_MAX_POINTS = 10_000
+DEFAULT_MAX_POINTS = 5_000
 METHODS = ("fast_hdbscan", "hdbscan", "sklearn")
-_AUTO_ORDER = ("fast_hdbscan", "hdbscan", "sklearn")
+_AUTO_ORDER = ("sklearn", "hdbscan", "fast_hdbscan")
 _warned_fallback = False
 
 
@@ -209,8 +213,8 @@ def _resolve_method(method: str) -> str:
             if _importable(m):
                 if m != _AUTO_ORDER[0] and not _warned_fallback:
                     warnings.warn(
-                        f"cluster_features: {_AUTO_ORDER[0]} is not importable, using {m} instead (slower; "
-                        f"`pip install {_AUTO_ORDER[0]}` for the fast path)",
+                        f"cluster_features: {_AUTO_ORDER[0]} (scikit-learn >= 1.3) is not importable, using {m} "
+                        f"instead",
                         RuntimeWarning,
                         stacklevel=3,
                     )
@@ -266,7 +270,7 @@ def cluster_features(
         min_samples: HDBSCAN's density parameter (neighbourhood size counting the point itself); default
             ``min(min_cluster_size, 10)``.
         max_points: at most this many rows go into HDBSCAN (uniform random subsample without replacement);
-            default 10k, see the module docstring.
+            default 5k, see the module docstring.
         method: ``"auto"``, ``"fast_hdbscan"``, ``"hdbscan"`` or ``"sklearn"``.
         seed: seed of the subsample draw when ``generator`` is None.
         generator: a CPU ``torch.Generator`` for the subsample draw (overrides ``seed``).
