@@ -26,7 +26,8 @@ Backends
   query leaf's points are compared with all points of the union of those leaves and the k best kept. (C) sees
   every point that can be at most as far as the true k-th neighbour, so the result is exact, with no fallback.
   Memory is ``O(chunk * 1024)`` distances per block plus the ``[chunk / leaf_size, n_leaves]`` box-gap block
-  and ``O(N)``; no ``N x N`` matrix is ever formed. (The box-gap pass is ``O((N / leaf_size)^2)``: negligible
+  and ``O(N)``; no ``N x N`` matrix is ever formed. On CPU it is ~10-20x slower than cKDTree (see
+  docs/contrast_bench.md); it exists for CUDA tensors and for machines without scipy. (The box-gap pass is ``O((N / leaf_size)^2)``: negligible
   up to a few million points.)
 * ``"scipy"`` (CPU only): ``scipy.spatial.cKDTree`` queried in chunks, with the same tie rule (boundary ties are
   resolved with a radius query). Much faster on CPU; ``"auto"`` uses it for CPU tensors when scipy imports.
@@ -323,8 +324,9 @@ def knn_indices(
     Args:
         points: ``[N, 3]`` float tensor (any float dtype, CPU or CUDA), all coordinates finite.
         k: neighbours per point (``k <= N - 1``, or ``k <= N`` with ``include_self``).
-        chunk: query points processed per block (bounds memory: the torch backend holds about
-            ``chunk * 16 * 64`` distances at a time, the scipy backend queries ``max(chunk, 16384)`` points at a time).
+        chunk: query points per block, bounds memory: the torch backend holds about ``chunk * 1024`` candidate
+            distances at a time (more only when a single 32-point leaf needs more candidates, e.g. isolated
+            points), the scipy backend queries ``max(chunk, 16384)`` points at a time.
         include_self: if True, column 0 is the point itself and columns ``1..k-1`` its ``k - 1`` nearest others;
             if False, the ``k`` nearest other points.
         progress: show a tqdm progress bar over the query points.
