@@ -64,7 +64,7 @@ class Demo:
     """Training iterations of pepe-recon."""
     device: Optional[Literal["cpu", "cuda"]] = None
     """Default: cuda when available, else cpu."""
-    contrast_steps: int = 2000
+    contrast_steps: int = 1000
     """Training iterations of pepe-contrast (0: stop after pepe-recon)."""
 
     def main(self) -> None:

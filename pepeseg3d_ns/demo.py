@@ -55,6 +55,11 @@ def make_config(data: Path, output_dir: Path, steps: int, device: str, seed: int
     return short_schedule(config, steps)
 
 
+def _finished(config, steps: int) -> bool:
+    """Whether the run of ``config`` already saved its final checkpoint (step ``steps - 1``)."""
+    return (config.get_base_dir() / "nerfstudio_models" / f"step-{steps - 1:09d}.ckpt").is_file()
+
+
 def make_contrast_config(recon_config: Path, output_dir: Path, steps: int, device: str, seed: int = 0,
                          timestamp: str = "demo"):
     """A ``pepe-contrast`` TrainerConfig for a ``steps``-iteration run on the geometry (and scene) of the pepe-recon
@@ -146,7 +151,7 @@ def run_demo(
     seed: int = 0,
     steps: int = 2000,
     device: Optional[str] = None,
-    contrast_steps: int = 2000,
+    contrast_steps: int = 1000,
 ) -> Dict[str, float]:
     """The whole method on a synthetic scene: synthesise (or reuse) it, build its simulated perception priors,
     train ``pepe-recon`` for ``steps`` iterations, evaluate held-out views (PSNR), then train ``pepe-contrast``
@@ -173,9 +178,10 @@ def run_demo(
 
     config = make_config(scene_dir, output_dir / "runs", steps, device, seed)
     config.pipeline.datamanager.priors = "require"
-    config.save_config()
     t1 = time.perf_counter()
-    train_loop(local_rank=0, world_size=1, config=config)
+    if not _finished(config, steps):  # a re-run reuses a finished run
+        config.save_config()
+        train_loop(local_rank=0, world_size=1, config=config)
     t_train = time.perf_counter() - t1
 
     config_path = config.get_base_dir() / "config.yml"
@@ -195,9 +201,10 @@ def run_demo(
         from pepeseg3d_ns.eval.propagation import format_summary
 
         cconfig = make_contrast_config(config_path, output_dir / "runs", contrast_steps, device, seed)
-        cconfig.save_config()
         t2 = time.perf_counter()
-        train_loop(local_rank=0, world_size=1, config=cconfig)
+        if not _finished(cconfig, contrast_steps):
+            cconfig.save_config()
+            train_loop(local_rank=0, world_size=1, config=cconfig)
         t_contrast = time.perf_counter() - t2
         cpath = cconfig.get_base_dir() / "config.yml"
         seg = evaluate_segmentation(cpath)
