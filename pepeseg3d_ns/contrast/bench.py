@@ -287,7 +287,7 @@ def format_markdown(result: Dict) -> str:
     """Markdown table(s) for a result of ``run_cluster_bench`` or ``run_knn_bench``."""
     m = result.get("machine", {})
     head = (
-        f"_{m.get('cpus')} CPUs, torch {m.get('torch')} ({m.get('torch_threads')} threads), "
+        f"_{m.get('cpus')} CPUs, torch {m.get('torch')} ({m.get('torch_threads')} threads in the parent process), "
         f"load average at the end {m.get('loadavg')}_\n\n"
     )
     lines: List[str] = []
@@ -308,7 +308,8 @@ def format_markdown(result: Dict) -> str:
                 if "error" in r:
                     lines.append(f"| {r['max_points']} | {r['method']} | error: {r['error']} |")
                     continue
-                vals = [str(r["max_points"]), r["method"], _f(r["first_call_s"], "{:.1f}"), _f(r["time_s"])]
+                name = r["method"] + (" (re-run)" if r.get("rerun") else "")
+                vals = [str(r["max_points"]), name, _f(r["first_call_s"], "{:.1f}"), _f(r["time_s"])]
                 vals.append(str(r["n_clusters"]))
                 keys = ["ari_fine", "ari_obj_fine", "ari_coarse", "ari_obj_coarse"] if hier else ["ari", "ari_obj"]
                 vals += [_f(r.get(kk), "{:.3f}") for kk in keys]
@@ -329,7 +330,7 @@ def format_markdown(result: Dict) -> str:
                 + " | ".join(
                     [
                         str(r["n"]),
-                        r["backend"],
+                        r["backend"] + (" (re-run)" if r.get("rerun") else ""),
                         _f(r["time_s"]),
                         _f(r["rss_before_mb"], "{:.0f}"),
                         _f(r["peak_rss_mb"], "{:.0f}"),
