@@ -137,3 +137,13 @@ def test_near_surface_fraction_applies_to_the_candidates():
     assert out.nonzero().flatten().tolist() == [5]  # 20 % of 5 candidates = 1, the nearest of them
     assert near_surface(depths, means2d, radii, rendered, fraction=0.2).nonzero().flatten().tolist() == [0, 1]
     assert not near_surface(depths, means2d, radii, rendered, 0.5, candidates=torch.zeros(n, dtype=torch.bool)).any()
+
+
+def test_near_surface_max_count_caps_the_nearest():
+    n = 10
+    depths = torch.arange(n, dtype=torch.float32) + 1.0
+    means2d = torch.full((n, 2), 2.5)
+    radii = torch.ones(n, dtype=torch.int32)
+    out = near_surface(depths, means2d, radii, torch.ones(4, 4), fraction=0.5, max_count=2)
+    assert out.nonzero().flatten().tolist() == [0, 1]
+    assert not near_surface(depths, means2d, radii, torch.ones(4, 4), fraction=0.5, max_count=0).any()

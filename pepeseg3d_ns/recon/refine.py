@@ -78,7 +78,7 @@ def crosses_mask_boundary(
 
 def near_surface(
     depths: Tensor, means2d: Tensor, radii: Tensor, rendered_depth: Tensor, fraction: float = 0.1,
-    candidates: Optional[Tensor] = None,
+    candidates: Optional[Tensor] = None, max_count: Optional[int] = None,
 ) -> Tensor:
     """``bool [N]``: the ``fraction`` (lambda_close) of the visible Gaussians (among ``candidates`` when given)
     whose camera depth is closest to the rendered depth at their centre pixel.
@@ -90,6 +90,7 @@ def near_surface(
         fraction: share of the pool to keep (at least one when the pool is not empty).
         candidates: optional ``bool [N]``: the pool is the visible candidates (pepe-recon passes the Gaussians
             crossing a mask boundary, so lambda_close applies to those, as in the paper).
+        max_count: optional cap on the number kept (the nearest ones).
     """
     h, w = rendered_depth.shape
     px = torch.floor(means2d[:, 0]).long()
@@ -104,6 +105,10 @@ def near_surface(
     idx = visible.nonzero(as_tuple=True)[0]
     gap = (depths[idx] - rendered_depth[py[idx], px[idx]]).abs()
     k = max(1, int(round(fraction * n_vis)))
+    if max_count is not None:
+        k = min(k, int(max_count))
+        if k <= 0:
+            return out
     keep = torch.topk(gap, k, largest=False).indices
     out[idx[keep]] = True
     return out
