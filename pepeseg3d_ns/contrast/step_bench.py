@@ -23,10 +23,11 @@ with Adam (lr 0.0025) on ``model.get_param_groups()``. Three kinds of step are t
 * ``refresh``: a refresh step (adds HDBSCAN at s = 1 and s = 0 on at most ``cluster_max_points`` = 5000 pixels).
 
 Each configuration (size, resolution, thread count) runs in a fresh Python process with ``OMP_NUM_THREADS``,
-``MKL_NUM_THREADS`` and ``NUMBA_NUM_THREADS`` set before torch is imported. Times are the median of ``repeats``
-steps after one warm-up step of the same kind. Memory (CPU): ``peak_mib`` = the process's high-water RSS
-(``getrusage``) minus the RSS after imports (model, kNN index, optimiser state and the steps' transients
-included); ``step_peak_mib`` = the largest RSS seen by a 2 ms sampling thread during the timed plain steps minus
+``MKL_NUM_THREADS`` and ``NUMBA_NUM_THREADS`` set before torch is imported. Before anything is measured the child
+builds and trains a 64-Gaussian model once and runs HDBSCAN once (lazy imports, C++ kernel load, numba compilation
+are not in the numbers). Times are the median of ``repeats`` steps after one warm-up step of the same kind.
+Memory (CPU): ``peak_mib`` = the process's high-water RSS (``getrusage``) minus the RSS after that warm-up (model,
+kNN index, optimiser state and the steps' transients included); ``step_peak_mib`` = the largest RSS seen by a 2 ms sampling thread during the timed plain steps minus
 the RSS just before them (what one step allocates on top of the resident model). On CUDA both are
 ``torch.cuda.max_memory_allocated`` differences.
 
@@ -511,7 +512,7 @@ def run_contrast_step_bench(
 
     Returns:
         One dict per configuration: the inputs (``gaussians``, ``height``, ``width``, ``threads``, ``repeats``,
-        ``device``, ...), ``backend``, ``setup_s`` (model construction: checkpoint load + kNN index), ``knn_s``
+        ``device``, ...), ``backend``, ``setup_s`` (model construction: checkpoint load + kNN index, imports excluded), ``knn_s``
         (kNN index build), ``{plain,lc,refresh}_{forward,loss,backward,optimizer,total}_s`` (medians),
         ``step_peak_mib``, ``peak_mib``, ``rss_base_mib``, ``covered_px``, ``centroids`` ([|U|, |L|] at the end),
         ``profile`` (``{"plain": {label: s}, "refresh": {...}}``), ``process_s``; or ``error``.
