@@ -15,6 +15,7 @@ from typing_extensions import Annotated
 
 import tyro
 
+from pepeseg3d_ns.contrast.step_bench import BenchContrast
 from pepeseg3d_ns.priors.cli import Priors
 
 
@@ -259,7 +260,7 @@ def entrypoint() -> None:
     cmd = tyro.extras.subcommand_cli_from_dict(
         {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment, "decompose": Decompose,
          "benchmark": Benchmark,
-         "bench-render": BenchRender,
+         "bench-render": BenchRender, "bench-contrast": BenchContrast,
          "bench-priors": BenchPriors},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
     )
