@@ -26,9 +26,9 @@ subsample of ``S`` points (clusters below 0.5 % of the sample are noise); ``min_
 
 Implementations (``method``): ``"sklearn"`` (``sklearn.cluster.HDBSCAN``), ``"hdbscan"`` (the hdbscan package,
 Borůvka kd-tree), ``"fast_hdbscan"`` (numba; on 30 principal directions, see ``_run_fast_hdbscan``) and
-``"auto"`` = scikit-learn, the fastest at the default subsample in our measurement (tied with hdbscan, and it
-agrees with fast_hdbscan's exact path on the two-level data where hdbscan picks another level), falling back to
-``hdbscan`` then ``fast_hdbscan`` (one warning) when it does not import. fast_hdbscan's own path for more than 30
+``"auto"`` = scikit-learn, the fastest at the default subsample in our measurement (tied with hdbscan; the
+exact implementations score the same on the blobs and pick different levels of the two-level set, no one
+consistently), falling back to ``hdbscan`` then ``fast_hdbscan`` (one warning) when it does not import. fast_hdbscan's own path for more than 30
 dimensions (pynndescent) was fastest at 30k points (6.7 s) but compiles for 90-250 s in every new process and is
 not used.
 
