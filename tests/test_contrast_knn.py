@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pepeseg3d_ns.contrast.knn import _scipy_available, knn_indices, smooth_features
+from pepeseg3d_ns.contrast.knn import KnnSmoother, _scipy_available, knn_indices, smooth_features
 
 
 
@@ -175,3 +175,40 @@ def test_smooth_bad_input():
         smooth_features(torch.randn(5), torch.zeros(5, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="k = 0"):
         smooth_features(f, torch.zeros(5, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+@pytest.mark.parametrize("repeats", [True, False])
+def test_knn_smoother_matches_dense_reference(include_self, repeats):
+    g = torch.Generator().manual_seed(7)
+    n, k, d = 50, 5, 6
+    if repeats:  # repeated neighbours (and self among them): the coalescing path
+        nb = torch.randint(0, n, (n, k), generator=g)
+    else:
+        nb = torch.stack([torch.randperm(n - 1, generator=g)[:k] for _ in range(n)])
+        nb = nb + (nb >= torch.arange(n)[:, None]).long()  # distinct, never self
+    f = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    a = dense_smoothing_matrix(nb, n, include_self)
+    sm = KnnSmoother(nb, include_self=include_self)
+    out = sm(f)
+    assert torch.allclose(out, a @ f)
+    assert torch.allclose(out, smooth_features(f, nb, include_self=include_self))
+    w = torch.randn(n, d, generator=g, dtype=torch.float64)
+    (gf,) = torch.autograd.grad((out * w).sum(), f)
+    assert torch.allclose(gf, a.T @ w)
+    assert torch.autograd.gradcheck(sm, (f,))
+    assert sm(f.detach().float()).dtype == torch.float32  # one matrix per dtype, cached
+
+
+def test_knn_smoother_bad_input():
+    nb = torch.zeros(4, 2, dtype=torch.long)
+    nb[0, 0] = 1
+    sm = KnnSmoother(nb)
+    with pytest.raises(ValueError, match="rows"):
+        sm(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="floating"):
+        sm(torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="outside"):
+        KnnSmoother(torch.full((4, 2), 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="k = 0"):
+        KnnSmoother(torch.zeros(4, 0, dtype=torch.long))
