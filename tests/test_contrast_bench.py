@@ -52,3 +52,10 @@ def test_format_markdown():
     knn = {"kind": "knn", "machine": {}, "rows": [{"n": 50000, "backend": "scipy", "time_s": 1.29,
                                                    "rss_before_mb": 551, "peak_rss_mb": 583, "rerun": True}]}
     assert "| 50000 | scipy (re-run) | 1.29 | 551 | 583 | - | - | - |" in bench.format_markdown(knn)
+
+
+def test_smooth_bench_small():
+    res = bench.run_smooth_bench(sizes=(500,), repeats=1, threads=None)
+    row = res["rows"][0]
+    assert row["n"] == 500 and row["max_abs_diff"] < 1e-5
+    assert "| 500 |" in bench.format_markdown(res)

@@ -1,11 +1,12 @@
 """Benchmarks of the stage-2 helpers: HDBSCAN implementations/subsample sizes and the kNN graph.
 
-Run as ``python -m pepeseg3d_ns.contrast.bench --what all`` (or ``cluster`` / ``knn``); the markdown tables it prints
+Run as ``python -m pepeseg3d_ns.contrast.bench --what all`` (or ``cluster`` / ``knn`` / ``smooth``); the markdown tables it prints
 are what ``docs/contrast_bench.md`` records. Every configuration runs in a fresh Python process (imports, numba
 compilation and allocator state of one configuration cannot leak into the next), which reports its own timings and
 peak memory as one JSON line.
 
-Public API: ``run_cluster_bench(...) -> dict``, ``run_knn_bench(...) -> dict``, ``format_markdown(result) -> str``,
+Public API: ``run_cluster_bench(...) -> dict``, ``run_knn_bench(...) -> dict``, ``run_smooth_bench(...) -> dict``
+(in-process), ``format_markdown(result) -> str``,
 ``main(argv=None)``; synthetic data: ``make_sphere_blobs``, ``make_hierarchical_blobs``, ``make_scene_points``.
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "make_scene_points",
     "run_cluster_bench",
     "run_knn_bench",
+    "run_smooth_bench",
     "format_markdown",
     "main",
 ]
@@ -279,6 +281,52 @@ def run_knn_bench(
     return {"kind": "knn", "machine": _machine(), "rows": rows}
 
 
+def run_smooth_bench(
+    sizes: Sequence[int] = (50_000, 200_000, 1_000_000),
+    k: int = 16,
+    dim: int = 32,
+    repeats: int = 3,
+    threads: Optional[int] = 1,
+    seed: int = 0,
+) -> Dict:
+    """``smooth_features`` vs ``KnnSmoother`` (build once, then forward/backward) on random ``[N, k]`` neighbour
+    graphs and ``[N, dim]`` features, in this process; medians of ``repeats`` runs.
+
+    Returns ``{"kind": "smooth", "machine": {...}, "rows": [...]}`` with ``fn_fwd_s``, ``fn_bwd_s``,
+    ``smoother_build_s``, ``smoother_fwd_s``, ``smoother_bwd_s``, ``max_abs_diff`` per size.
+    """
+    from .knn import KnnSmoother, smooth_features
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in sizes:
+        nb = torch.randint(0, n, (n, k), generator=g)
+        f = torch.randn(n, dim, generator=g, requires_grad=True)
+        t0 = time.perf_counter()
+        sm = KnnSmoother(nb)
+        sm(f.detach())  # first call builds the per-device CSR matrices
+        build = time.perf_counter() - t0
+        row: Dict = {"n": int(n), "k": k, "dim": dim, "smoother_build_s": build}
+        for name, fn in (("fn", lambda: smooth_features(f, nb)), ("smoother", lambda: sm(f))):
+            tf, tb = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                y = fn()
+                tf.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                y.sum().backward()
+                tb.append(time.perf_counter() - t0)
+                f.grad = None
+            row[f"{name}_fwd_s"] = sorted(tf)[len(tf) // 2]
+            row[f"{name}_bwd_s"] = sorted(tb)[len(tb) // 2]
+        with torch.no_grad():
+            row["max_abs_diff"] = float((smooth_features(f, nb) - sm(f)).abs().max())
+        rows.append(row)
+    return {"kind": "smooth", "machine": _machine(), "rows": rows}
+
+
 def _f(v, fmt="{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
@@ -316,6 +364,17 @@ def format_markdown(result: Dict) -> str:
                 vals += [_f(r["noise_frac_out"], "{:.3f}"), _f(r["peak_rss_mb"], "{:.0f}")]
                 lines.append("| " + " | ".join(vals) + " |")
             lines.append("")
+    elif result["kind"] == "smooth":
+        cols = ["N", "smooth_features fwd / bwd (s)", "KnnSmoother build (s)", "KnnSmoother fwd / bwd (s)",
+                "max abs diff"]
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['n']} | {r['fn_fwd_s']:.3f} / {r['fn_bwd_s']:.3f} | {r['smoother_build_s']:.2f} | "
+                f"{r['smoother_fwd_s']:.3f} / {r['smoother_bwd_s']:.3f} | {r['max_abs_diff']:.1e} |"
+            )
+        lines.append("")
     else:
         cols = ["N", "backend", "kNN time (s)", "RSS before (MB)", "peak RSS (MB)", "smooth fwd (s)", "smooth bwd (s)",
                 "peak RSS after smoothing (MB)"]
@@ -346,9 +405,9 @@ def format_markdown(result: Dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: ``python -m pepeseg3d_ns.contrast.bench --what {cluster,knn,all} [--json out.json]``."""
+    """Command line: ``python -m pepeseg3d_ns.contrast.bench --what {cluster,knn,smooth,all} [--json out.json]``."""
     ap = argparse.ArgumentParser(prog="pepeseg3d-contrast-bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--what", choices=("cluster", "knn", "all"), default="all")
+    ap.add_argument("--what", choices=("cluster", "knn", "smooth", "all"), default="all")
     ap.add_argument("--methods", nargs="+", default=["fast_hdbscan", "fast_hdbscan_nnd", "hdbscan", "sklearn"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[2000, 5000, 10000, 30000], help="HDBSCAN subsamples")
     ap.add_argument("--datasets", nargs="+", default=["blobs", "hier"])
@@ -363,6 +422,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.append(run_cluster_bench(args.methods, args.sizes, args.datasets, args.n_points))
     if args.what in ("knn", "all"):
         results.append(run_knn_bench(args.knn_sizes, args.knn_backends, threads=args.threads))
+    if args.what in ("smooth", "all"):
+        results.append(run_smooth_bench(args.knn_sizes, threads=args.threads or 1))
     for r in results:
         print(format_markdown(r))
     if args.json:
