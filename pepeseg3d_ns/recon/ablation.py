@@ -158,6 +158,8 @@ def run_recon_ablation(
     rows = []
     for name, depth_w, refine in ABLATION_ROWS:
         tag = f"d{depth_w:g}_r{int(refine)}"
+        if results_path.exists():  # another process (or a re-run) may have finished rows meanwhile
+            done.update({r["name"]: r for r in json.loads(results_path.read_text())})
         if name in done and done[name].get("steps") == steps:
             rows.append(done[name])
             continue
