@@ -408,7 +408,7 @@ def smooth_features(
     (Pass neighbours from ``knn_indices(..., include_self=False)``; with ``include_self=True`` there, the point
     itself would be counted twice.)
 
-    For a fixed graph applied every step (stage 2), ``KnnSmoother(neighbours)`` computes the same thing 4-6x faster
+    For a fixed graph applied every step (stage 2), ``KnnSmoother(neighbours)`` computes the same thing 4-5x faster
     (prebuilt sparse matrix; see docs/contrast_bench.md); this function needs no setup.
 
     Differentiable w.r.t. ``features`` through a custom autograd function that only saves ``neighbours``: forward
