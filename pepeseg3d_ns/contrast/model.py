@@ -233,11 +233,15 @@ class PepeContrastModel(PepeSplatfactoModel):
     # ------------------------------------------------------------------ features
     def smoothed_features(self) -> Tensor:
         """Per-Gaussian features after 3D smoothing, ``[N, D]`` (differentiable w.r.t. ``gauss_features``)."""
-        from pepeseg3d_ns.contrast.knn import smooth_features
+        from pepeseg3d_ns.contrast.knn import KnnSmoother
 
         if self.knn.shape[1] == 0:
             return self.gauss_features
-        return smooth_features(self.gauss_features, self.knn.long())
+        key = (self.knn.data_ptr(), tuple(self.knn.shape), str(self.knn.device))
+        if getattr(self, "_smoother_key", None) != key:  # built once per neighbour index (a sparse averaging matrix)
+            self._smoother = KnnSmoother(self.knn.long())
+            self._smoother_key = key
+        return self._smoother(self.gauss_features)
 
     def gate(self, s: Union[float, Tensor]) -> Tensor:
         """``psi(s)``: ``[K, D]`` for scales ``s`` (float or ``[K]``) in [0, 1]."""
