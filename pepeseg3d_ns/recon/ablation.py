@@ -175,6 +175,8 @@ def run_recon_ablation(
         row = {"name": name, "depth_loss_weight": depth_w, "refine_boundaries": refine, "steps": steps,
                "train_s": round(train_s, 1), "config": str(config.get_base_dir() / "config.yml"), **metrics}
         rows.append(row)
+        if results_path.exists():  # keep rows another process wrote meanwhile
+            done = {**{r["name"]: r for r in json.loads(results_path.read_text())}, **done}
         done[name] = row
         results_path.write_text(json.dumps(list(done.values()), indent=2))
     (output_dir / "recon_ablation.md").write_text(format_ablation(rows))
