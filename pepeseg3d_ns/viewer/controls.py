@@ -17,7 +17,12 @@ computed once per scale off the render path and cached).
 
 A click stores the clicked pixel's *ungated* feature ``F(p)``; the query at the slider's scale ``s`` is
 ``psi(s) * F(p)``, exactly the clicked pixel's gated feature at ``s``, so moving the slider re-segments from the
-same clicks. Callbacks take the viewer's train lock when they touch the model.
+same clicks.
+
+Locking: nerfstudio runs the GUI elements' callbacks (sliders, checkbox, buttons) while holding the viewer's
+``train_lock`` (a non-reentrant ``threading.Lock``), so they never take it again; the pointer (click) callback is not
+wrapped and takes it itself, and the mask-writing thread takes it once per view. The decomposition thread clusters a
+rendered snapshot and does not need it.
 """
 
 from __future__ import annotations
@@ -77,7 +82,10 @@ class SegmentationPanel(nn.Module):
 
     # ------------------------------------------------------------------ plumbing
     @property
-    def model(self):
+    def _model(self):
+        # private on purpose: nerfstudio's viewer collects GUI elements by walking every public attribute of the
+        # pipeline that is an nn.Module (nerfstudio.viewer.utils.parse_object); a public ``model`` here would lead
+        # it from the model to this panel and back forever (RecursionError when ns-viewer starts)
         return self._model_ref[0]
 
     def _lock(self):
@@ -113,7 +121,7 @@ class SegmentationPanel(nn.Module):
         if not clients:
             return
         aspect = float(list(clients.values())[0].camera.aspect)
-        H = int(getattr(self.model, "last_size", (256, 256))[0] or 256)
+        H = int(getattr(self._model, "last_size", (256, 256))[0] or 256)
         H = max(64, min(H, 512))
         W = max(1, int(round(H * aspect)))
         camera = self.viewer_control.get_camera(H, W)
@@ -130,7 +138,7 @@ class SegmentationPanel(nn.Module):
         Returns False (and adds nothing) when the pixel shows empty space (accumulation < 0.5)."""
         from pepeseg3d_ns.contrast.query import render_view
 
-        view = render_view(self.model, camera)
+        view = render_view(self._model, camera)
         H, W = view.shape
         col, row = int(x), int(y)
         if not (0 <= col < W and 0 <= row < H):
@@ -157,7 +165,7 @@ class SegmentationPanel(nn.Module):
         if self.click_features is None:
             return None
         s = self.current_scale if scale is None else float(scale)
-        return Fnn.normalize(self.click_features * self.model.gate(s), dim=-1)
+        return Fnn.normalize(self.click_features * self._model.gate(s), dim=-1)
 
     # ------------------------------------------------------------------ 2D / 3D segments
     @torch.no_grad()
@@ -180,9 +188,11 @@ class SegmentationPanel(nn.Module):
         q = self.queries()
         if q is None:
             return None
-        key = (self.current_scale, self.current_threshold, len(self.clicks), self.model.num_points)
+        # the training step is part of the key: during ns-train the features change under a fixed selection
+        key = (self.current_scale, self.current_threshold, len(self.clicks), self._model.num_points,
+               getattr(self._model, "step", 0))
         if self._selection_cache is None or self._selection_cache[0] != key:
-            self._selection_cache = (key, select_gaussians(self.model, self.current_scale, q, self.current_threshold))
+            self._selection_cache = (key, select_gaussians(self._model, self.current_scale, q, self.current_threshold))
         return self._selection_cache[1]
 
     def visible_mask(self) -> Optional[Tensor]:
@@ -237,18 +247,27 @@ class SegmentationPanel(nn.Module):
                 if not self._decomposition_wanted():
                     return fallback
                 if key not in self._decomp_jobs:
-                    snapshot = view
-
-                    def job():
-                        self._decomp[key] = fit_decomposition([snapshot], key)
-                        self._rerender()
-
-                    t = threading.Thread(target=job, daemon=True, name=f"pepe-decomposition-{key}")
-                    self._decomp_jobs[key] = t
+                    t = threading.Thread(target=self._decomposition_job, args=(view, key), daemon=True,
+                                         name=f"pepe-decomposition-{key}")
+                    # started before it is registered: the viewer may interrupt this render thread at any line
+                    # (IOChangeException from its trace function); a job registered but never started would
+                    # leave this scale without clusters for good, a second start only repeats the work
                     t.start()
+                    self._decomp_jobs[key] = t
                 return fallback  # until the clusters of this scale are ready
         img = dec.colorize(dec.label(view.at_scale(key)), view.accumulation)
         return torch.from_numpy(img).float().div(255)
+
+    def _decomposition_job(self, view, key: float) -> None:
+        """Background thread body: cluster ``view`` at scale ``key`` and ask the viewer for a new frame."""
+        from pepeseg3d_ns.decompose import fit_decomposition
+
+        try:
+            self._decomp[key] = fit_decomposition([view], key)
+        except Exception as err:  # shown in last_message; the feature picture stays
+            self.last_message = f"decomposition at scale {key} failed: {type(err).__name__}: {err}"
+            return
+        self._rerender()
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: Optional[Path] = None) -> Optional[Dict[str, Path]]:
@@ -261,7 +280,7 @@ class SegmentationPanel(nn.Module):
             return None
         out_dir = Path(out_dir) if out_dir is not None else self.export_dir / time.strftime("selection_%Y%m%d_%H%M%S")
         meta = {"clicks": self.clicks, "scale": self.current_scale, "threshold": self.current_threshold}
-        paths = save_selection(out_dir, self.model, sel, meta)
+        paths = save_selection(out_dir, self._model, sel, meta)
         self.last_message = f"exported {int(sel.sum())} Gaussians to {paths['ply']}"
         return paths
 
@@ -273,7 +292,7 @@ class SegmentationPanel(nn.Module):
         q = self.queries()
         if q is None:
             return []
-        masks = masks_for_views(self.model, cameras, self.current_scale, q, self.current_threshold, progress=False)
+        masks = masks_for_views(self._model, cameras, self.current_scale, q, self.current_threshold, progress=False)
         return save_masks(out_dir, masks, names)
 
     def _masks_in_background(self) -> None:
@@ -292,7 +311,7 @@ class SegmentationPanel(nn.Module):
             q, s, t = self.queries(), self.current_scale, self.current_threshold
             for i in range(len(dataset.cameras)):  # one view per lock: rendering and training go on in between
                 with self._lock():
-                    mask = masks_for_views(self.model, dataset.cameras, s, q, t, [i], progress=False)
+                    mask = masks_for_views(self._model, dataset.cameras, s, q, t, [i], progress=False)
                 save_masks(out, mask, [names[i]])
             self.last_message = f"wrote {len(names)} masks to {out}"
 
