@@ -275,7 +275,7 @@ def train_step(model, optimizer: torch.optim.Optimizer, camera, batch: Dict[str,
 
 _PROFILED = {
     # label: (module, attribute)
-    "knn smoothing fwd": ("pepeseg3d_ns.contrast.knn", "smooth_features"),
+    "knn smoothing fwd": ("pepeseg3d_ns.contrast.knn", "KnnSmoother.__call__"),  # what the model uses
     "projection fwd": ("pepeseg3d_ns.render.rasterize", "project_gaussians"),
     "tile intersection": ("pepeseg3d_ns.render.rasterize", "isect_tiles"),
     "compositing fwd": ("pepeseg3d_ns.render.rasterize", "composite_cpu"),
@@ -289,7 +289,7 @@ _PROFILED = {
     "loss: L2D": ("pepeseg3d_ns.contrast.losses", "norm_regulariser"),
     "HDBSCAN (cluster_features)": ("pepeseg3d_ns.contrast.cluster", "cluster_features"),
 }
-_BACKWARD_NODES = {"knn smoothing bwd": "_NeighbourMeanBackward", "compositing bwd": "_RasterizeToPixelsCPUBackward"}
+_BACKWARD_NODES = {"knn smoothing bwd": "_SparseApplyBackward", "compositing bwd": "_RasterizeToPixelsCPUBackward"}
 _PHASES = ("step: forward", "step: loss", "step: backward", "step: optimizer")
 
 
@@ -302,6 +302,9 @@ def _labelled_ranges():
     try:
         for label, (mod_name, attr) in _PROFILED.items():
             mod = importlib.import_module(mod_name)
+            *owners, attr = attr.split(".")  # "Class.method" patches the method on the class
+            for owner in owners:
+                mod = getattr(mod, owner)
             fn = getattr(mod, attr)
 
             def wrapped(*a, __fn=fn, __label=label, **kw):
