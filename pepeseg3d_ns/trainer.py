@@ -37,37 +37,41 @@ class PepeTrainer(Trainer):
     config: PepeTrainerConfig
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
-        data_from_recon_run(self.config)
+        changed = data_from_recon_run(self.config)
         if getattr(self.config, "scale_schedule", False):
             from pepeseg3d_ns.schedule import scale_schedule
 
             changes = scale_schedule(self.config)
             if changes:
+                changed = True
                 CONSOLE.log(
                     f"Schedule scaled to {self.config.max_num_iterations} steps (--scale-schedule False keeps "
                     "splatfacto's): " + ", ".join(f"{k.split('.')[-1] if 'model' in k else k}={new}" for k, _, new in changes)
                 )
-                if self.local_rank == 0 and test_mode == "val":
-                    self.config.save_config()
+        if changed and self.local_rank == 0 and test_mode == "val":
+            self.config.save_config()  # config.yml holds what the run used (ns-eval / ns-viewer read it)
         super().setup(test_mode=test_mode)
 
 
-def data_from_recon_run(config) -> None:
+def data_from_recon_run(config) -> bool:
     """pepe-contrast without --data: set ``config.data`` (and the datamanager's) to the scene the pepe-recon run
-    named by ``--pipeline.model.recon-checkpoint`` was trained on. No-op for other configs or when data is set."""
+    named by ``--pipeline.model.recon-checkpoint`` was trained on. Returns whether it changed anything (no-op for
+    other configs or when data is set)."""
     model = config.pipeline.model
     dm = config.pipeline.datamanager
     if getattr(model, "recon_checkpoint", None) is None or (dm.data is not None or config.data is not None):
-        return
+        return False
     import yaml
 
     from pepeseg3d_ns.contrast.model import recon_config_path
 
     cfg_path = recon_config_path(model.recon_checkpoint)
     if cfg_path is None:
-        return
+        return False
     recon = yaml.load(cfg_path.read_text(), Loader=yaml.Loader)
     data = recon.pipeline.datamanager.data or recon.data
     if data is not None:
         CONSOLE.log(f"--data not given: using the pepe-recon run's scene {data}")
         dm.data = config.data = Path(data)
+        return True
+    return False
