@@ -196,14 +196,20 @@ class SegmentationPanel(nn.Module):
         return self._selection_cache[1]
 
     def visible_mask(self) -> Optional[Tensor]:
-        """``bool [N]`` Gaussians to render under the "3D view" setting (None = all)."""
+        """``bool [N]`` Gaussians to render under the "3D view" setting (None = all). Without clicks, and when the
+        setting would leave no Gaussian at all (e.g. "only the selection" at a threshold nothing passes), every
+        Gaussian is drawn: the renderers reject an empty set of Gaussians."""
         mode = self.show.value
         if mode == SHOW_ALL:
             return None
         sel = self.selected_gaussians()
         if sel is None:
             return None
-        return sel if mode == SHOW_SELECTED else ~sel
+        visible = sel if mode == SHOW_SELECTED else ~sel
+        if not bool(visible.any()):
+            self.last_message = f"3D view '{mode}' would draw no Gaussian at this scale and threshold: drawing all"
+            return None
+        return visible
 
     # ------------------------------------------------------------------ outputs
     @torch.no_grad()
