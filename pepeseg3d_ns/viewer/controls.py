@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as Fnn
 from torch import Tensor, nn
@@ -77,7 +76,8 @@ class SegmentationPanel(nn.Module):
         self.clear_button = ViewerButton("Clear selection", cb_hook=lambda _: self.clear())
         self.show = ViewerDropdown("3D view", SHOW_ALL, [SHOW_ALL, SHOW_SELECTED, HIDE_SELECTED])
         self.export_button = ViewerButton("Export selection (.ply)", cb_hook=lambda _: self.export())
-        self.masks_button = ViewerButton("Render masks of training views", cb_hook=lambda _: self._masks_in_background())
+        self.masks_button = ViewerButton("Render masks of training views",
+                                         cb_hook=lambda _: self._masks_in_background())
         self._click_registered = False
 
     # ------------------------------------------------------------------ plumbing
