@@ -162,40 +162,45 @@ def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - _resize_to(b, a.shape[:2]).astype(np.int16)).mean())
 
 
-def wait_for_settled_change(page: ViewerPage, reference: np.ndarray, min_diff: float = 8.0,
-                            timeout_s: float = 90.0) -> np.ndarray:
-    """Wait until a *settled* full-resolution frame (:meth:`ViewerPage.wait_for_render`) differs from ``reference``
-    by a mean absolute value >= ``min_diff`` and return it. (``ViewerPage.wait_for_change`` also accepts a passing
-    low-resolution frame, which every re-render sends first.)"""
+def _wait_settled(page: ViewerPage, accept, what: str, timeout_s: float) -> np.ndarray:
+    """Poll settled full-resolution frames (:meth:`ViewerPage.wait_for_render`) until ``accept(frame)``; return it.
+    Raises ``TimeoutError`` naming ``what`` and the last state after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    diff = 0.0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"wait_for_settled_change: settled frames stay within {diff:.2f} < {min_diff}")
-        img = page.wait_for_render(timeout_s=max(left, 1.0))
-        diff = _mean_abs_diff(img, reference)
-        if diff >= min_diff:
+    state = "no settled frame yet"
+    while time.monotonic() < deadline:
+        try:
+            img = page.wait_for_render(timeout_s=max(deadline - time.monotonic(), 1.0))
+        except TimeoutError as err:
+            state = str(err)
+            continue
+        ok, state = accept(img)
+        if ok:
             return img
         time.sleep(0.3)
+    raise TimeoutError(f"waiting for {what}: {state} after {timeout_s:.0f} s")
 
 
-def wait_for_settled_match(page: ViewerPage, reference: np.ndarray, max_diff: float = 3.0,
-                           timeout_s: float = 90.0) -> np.ndarray:
+def wait_for_settled_change(page: ViewerPage, reference: np.ndarray, min_diff: float = 8.0, timeout_s: float = 90.0,
+                            what: str = "a new picture") -> np.ndarray:
+    """Wait until a *settled* full-resolution frame differs from ``reference`` by a mean absolute value
+    >= ``min_diff`` and return it. (``ViewerPage.wait_for_change`` also accepts a passing low-resolution frame,
+    which every re-render sends first.)"""
+    def accept(img):
+        diff = _mean_abs_diff(img, reference)
+        return diff >= min_diff, f"settled frames within {diff:.2f} < {min_diff} of the reference"
+
+    return _wait_settled(page, accept, what, timeout_s)
+
+
+def wait_for_settled_match(page: ViewerPage, reference: np.ndarray, max_diff: float = 3.0, timeout_s: float = 90.0,
+                           what: str = "the reference picture") -> np.ndarray:
     """Wait until a settled full-resolution frame is within a mean absolute difference ``max_diff`` of
     ``reference`` and return it."""
-    deadline = time.monotonic() + timeout_s
-    diff = float("inf")
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"wait_for_settled_match: settled frames stay {diff:.2f} > {max_diff} from the "
-                               "reference")
-        img = page.wait_for_render(timeout_s=max(left, 1.0))
+    def accept(img):
         diff = _mean_abs_diff(img, reference)
-        if diff <= max_diff:
-            return img
-        time.sleep(0.3)
+        return diff <= max_diff, f"settled frames {diff:.2f} > {max_diff} from the reference"
+
+    return _wait_settled(page, accept, what, timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------- the user's steps
@@ -225,10 +230,11 @@ def pick_click(scene: Path, config_path: Path, name: str = OBJECT) -> Dict:
 
 
 def segment_in_browser(config_path: Path, click: Dict, shots: Path, log_path: Optional[Path] = None,
-                       max_clicks: int = 20) -> Dict[str, np.ndarray]:
-    """Start the viewer on ``config_path``, go to the clicked training view, tick "Click to select", click the
-    object at ``click`` (from :func:`pick_click`) and look at the outputs. Saves page screenshots into ``shots``
-    (``viewer_segmentation.png`` and one per output) and returns the canvas images by name."""
+                       max_clicks: int = 20, scale: Optional[float] = None) -> Dict[str, np.ndarray]:
+    """Start the viewer on ``config_path``, go to the clicked training view, (set the **Scale** slider to ``scale``,)
+    tick "Click to select", click the object at ``click`` (from :func:`pick_click`) and look at the outputs. Saves
+    page screenshots into ``shots`` (``viewer_segmentation.png`` and one per output) and returns the canvas images
+    by name."""
     shots = Path(shots)
     shots.mkdir(parents=True, exist_ok=True)
     images: Dict[str, np.ndarray] = {}
@@ -241,9 +247,11 @@ def segment_in_browser(config_path: Path, click: Dict, shots: Path, log_path: Op
         page.wait_for_text(r"^Show Train Cams$")
         first = page.wait_for_render()
         page.press_button(GO_BUTTON)
-        images["rgb"] = wait_for_settled_change(page, first)
+        images["rgb"] = wait_for_settled_change(page, first, what="the training view")
         _, _, w, h = page.canvas_box()
 
+        if scale is not None:
+            page.set_slider("Scale", scale)
         page.select_dropdown("Output type", "segmentation")  # no click yet: the overlay is the rgb picture
         page.wait_for_render()
         page.page.get_by_label("Click to select", exact=True).check()
@@ -252,7 +260,8 @@ def segment_in_browser(config_path: Path, click: Dict, shots: Path, log_path: Op
         for _ in range(max_clicks):  # the "listen for clicks" message reaches the browser asynchronously
             page.click_canvas(u, v)
             try:
-                images["segmentation"] = wait_for_settled_change(page, images["rgb"], min_diff=4.0, timeout_s=4.0)
+                images["segmentation"] = wait_for_settled_change(page, images["rgb"], min_diff=4.0, timeout_s=4.0,
+                                                                 what="the segmentation")
                 break
             except TimeoutError:
                 continue
@@ -262,23 +271,24 @@ def segment_in_browser(config_path: Path, click: Dict, shots: Path, log_path: Op
         page.screenshot(shots / "viewer_segmentation.png")
 
         page.select_dropdown("Output type", "segment")
-        images["segment"] = wait_for_settled_change(page, images["segmentation"], min_diff=3.0)
+        images["segment"] = wait_for_settled_change(page, images["segmentation"], min_diff=3.0, what="segment")
         page.select_dropdown("Output type", "feature_pca")
-        images["feature_pca"] = wait_for_settled_change(page, images["segment"])
+        images["feature_pca"] = wait_for_settled_change(page, images["segment"], what="feature_pca")
         page.screenshot(shots / "viewer_feature_pca.png")
         # the decomposition shows the feature picture until its clusters (HDBSCAN, background thread) are ready
         page.select_dropdown("Output type", "decomposition")
-        images["decomposition"] = wait_for_settled_change(page, images["feature_pca"], timeout_s=240)
+        images["decomposition"] = wait_for_settled_change(page, images["feature_pca"], timeout_s=240,
+                                                          what="the decomposition")
         page.screenshot(shots / "viewer_decomposition.png")
 
         page.select_dropdown("Output type", "rgb")
-        wait_for_settled_change(page, images["decomposition"])
+        wait_for_settled_change(page, images["decomposition"], what="rgb")
         page.select_dropdown("3D view", "only the selection")
-        images["only_selection"] = wait_for_settled_change(page, images["rgb"])
+        images["only_selection"] = wait_for_settled_change(page, images["rgb"], what="only the selection")
         page.screenshot(shots / "viewer_only_selection.png")
         # "Clear selection": no clicks left, so the filter draws every Gaussian again
         page.press_button("Clear selection")
-        images["cleared"] = wait_for_settled_match(page, images["rgb"])
+        images["cleared"] = wait_for_settled_match(page, images["rgb"], what="all Gaussians after clearing")
     return images
 
 
@@ -348,6 +358,7 @@ def main(argv=None) -> None:
     parser.add_argument("--load-config", type=Path, required=True, help="pepe-contrast run's config.yml")
     parser.add_argument("--output", type=Path, required=True, help="PNG of the page with the segmentation")
     parser.add_argument("--object", default=OBJECT, help="object (GT name) to click")
+    parser.add_argument("--scale", type=float, default=None, help="set the Scale slider first (default: 0.5)")
     args = parser.parse_args(argv)
     reason = browser_missing_reason()
     if reason:
@@ -358,7 +369,7 @@ def main(argv=None) -> None:
     scene = Path(config.pipeline.datamanager.data or config.data)
     click = pick_click(scene, args.load_config, args.object)
     shots = args.output.parent / f".{args.output.stem}_shots_{int(time.time())}"
-    segment_in_browser(args.load_config, click, shots)
+    segment_in_browser(args.load_config, click, shots, scale=args.scale)
     shutil.copyfile(shots / "viewer_segmentation.png", args.output)
     print(f"wrote {args.output} (other outputs in {shots})")
 
