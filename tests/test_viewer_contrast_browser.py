@@ -330,7 +330,7 @@ def test_click_to_segment_in_the_browser(contrast_run, tmp_path):
     lit_iou = (lit & mask).sum() / max((lit | mask).sum(), 1)
     print(f"canvas {W}x{H}; IoU with the GT {OBJECT} on the canvas: tinted pixels {changed_iou:.3f}, "
           f"segment pixels {lit_iou:.3f}")
-    assert changed_iou >= 0.5 and lit_iou >= 0.5
+    assert changed_iou >= 0.5 and lit_iou >= 0.5  # measured 0.849 and 0.789 (880x749 canvas)
 
     # feature_pca and decomposition differ from each other and from the rgb picture
     for name in ("feature_pca", "decomposition"):

@@ -204,6 +204,8 @@ def test_click_on_object_segments_it_here_and_in_other_views(loaded, panel):
     best = max(scores, key=lambda s: scores[s][0] + scores[s][1])
     same, other = scores[best]
     print(f"object IoU by scale (clicked view, mean of {len(others)} other views): {scores}; best s = {best}")
+    # measured (seed 0): s = 0.5 best, 0.851 here and 0.794 in the other views; other seeds/learning rates tried gave
+    # 0.84-0.87 and 0.757-0.80
     assert same >= 0.75, scores
     assert other >= 0.7, scores
 
@@ -243,6 +245,8 @@ def test_scale_turns_a_part_into_its_whole_object(loaded, panel):
     print(f"{len(rows)} part clicks; mean IoU (part, object) at s={PART_LOW}: "
           f"({r[:, 0].mean():.3f}, {r[:, 1].mean():.3f}), "
           f"at s={PART_HIGH}: ({r[:, 2].mean():.3f}, {r[:, 3].mean():.3f}); part -> object flips: {flips}")
+    # measured (seed 0): 28 clicks, (part, object) IoU (0.362, 0.574) at s=0.1 -> (0.229, 0.829) at s=0.9, 4 flips;
+    # the object gain was 0.125-0.30 over the seeds tried at this learning rate
     assert r[:, 3].mean() - r[:, 1].mean() >= 0.1  # the high-scale segment is the object, more than the low one
     assert r[:, 0].mean() > r[:, 2].mean()  # ... and less the part alone
     assert len(flips) >= 1
@@ -370,7 +374,7 @@ def test_3d_view_filter_changes_visible_gaussians_and_the_render(loaded, panel):
 
     opaque = only["accumulation"][..., 0].cpu().numpy() >= 0.5
     print(f"IoU(opaque pixels of 'only the selection', GT {OBJECT}) = {iou(opaque, mask):.3f}")
-    assert iou(opaque, mask) >= 0.6  # only the clicked object is drawn
+    assert iou(opaque, mask) >= 0.6  # only the clicked object is drawn (measured 0.853)
     # hiding the selection changes the picture where the object was, hardly elsewhere
     diff = (rest["rgb"] - full["rgb"]).abs().amax(-1).cpu().numpy()
     assert diff[mask].mean() > 5 * diff[~mask].mean()
