@@ -55,7 +55,7 @@ def make_config(data: Path, output_dir: Path, steps: int, device: str, seed: int
     return short_schedule(config, steps)
 
 
-def _finished(config, steps: int) -> bool:
+def finished_run(config, steps: int) -> bool:
     """Whether the run of ``config`` already saved its final checkpoint (step ``steps - 1``)."""
     return (config.get_base_dir() / "nerfstudio_models" / f"step-{steps - 1:09d}.ckpt").is_file()
 
@@ -179,7 +179,7 @@ def run_demo(
     config = make_config(scene_dir, output_dir / "runs", steps, device, seed)
     config.pipeline.datamanager.priors = "require"
     t1 = time.perf_counter()
-    if not _finished(config, steps):  # a re-run reuses a finished run
+    if not finished_run(config, steps):  # a re-run reuses a finished run
         config.save_config()
         train_loop(local_rank=0, world_size=1, config=config)
     t_train = time.perf_counter() - t1
@@ -202,7 +202,7 @@ def run_demo(
 
         cconfig = make_contrast_config(config_path, output_dir / "runs", contrast_steps, device, seed)
         t2 = time.perf_counter()
-        if not _finished(cconfig, contrast_steps):
+        if not finished_run(cconfig, contrast_steps):
             cconfig.save_config()
             train_loop(local_rank=0, world_size=1, config=cconfig)
         t_contrast = time.perf_counter() - t2

@@ -88,13 +88,4 @@ def scale_schedule(config, steps: int | None = None) -> List[Tuple[str, object, 
     return changes
 
 
-def schedule_fields(config) -> Dict[str, object]:
-    """The current values of the fields :func:`scale_schedule` manages (for logs and reports)."""
-    model = config.pipeline.model
-    names = set(_scaled_values(model, REFERENCE_STEPS)) | set(_scaled_values(model, 1000))
-    return {n: getattr(model, n) for n in sorted(names) if hasattr(model, n)} | {
-        "max_num_iterations": config.max_num_iterations
-    }
-
-
-__all__ = ["REFERENCE_STEPS", "scale_schedule", "schedule_fields"]
+__all__ = ["REFERENCE_STEPS", "scale_schedule"]

@@ -553,6 +553,15 @@ def open_viewer(config_path: Path, log_path: Optional[Path] = None, env: Optiona
     out close the browser and kill the viewer's process group, also when the body raises (then the viewer's
     log tail and the browser console are printed, so pytest shows them)."""
     server = ViewerServer(config_path, log_path=log_path, env=env, click_probe=click_probe)
+    with serve_and_open(server, viewport, start_timeout_s, timeout_s) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def serve_and_open(server: "ViewerServer", viewport: Tuple[int, int] = (1200, 800), start_timeout_s: float = 240.0,
+                   timeout_s: float = 90.0) -> Iterator[Tuple["ViewerServer", "ViewerPage"]]:
+    """Start ``server`` (a :class:`ViewerServer` or subclass), open it in a :class:`ViewerPage`, yield both; tear
+    both down on the way out and print the viewer's log tail and the browser console when the body raises."""
     page: Optional[ViewerPage] = None
     try:
         server.start(timeout_s=start_timeout_s)

@@ -13,16 +13,9 @@ import pytest
 import torch
 
 from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
+from tb_logs import scalars
 
 pytestmark = pytest.mark.slow
-
-
-def _scalars(run_dir: Path, tag: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +65,16 @@ def test_losses_fall_and_schedule_scaled(runs):
     config = yaml.load(cfg.read_text(), Loader=yaml.Loader)
     assert config.pipeline.model.centroid_start == 84 and config.pipeline.model.centroid_every == 10
     run_dir = cfg.parent
-    lm = [v for _, v in _scalars(run_dir, "Train Loss Dict/contrast_loss")]
-    total = [v for _, v in _scalars(run_dir, "Train Loss")]
+    lm = [v for _, v in scalars(run_dir, "Train Loss Dict/contrast_loss")]
+    total = [v for _, v in scalars(run_dir, "Train Loss")]
     assert len(lm) >= 10 and len(total) >= 10, (lm, total)
     # Lm is noisy from view to view (each step sees another view's masks): compare the run's two ends
     first, last = np.mean(lm[:5]), np.mean(lm[-5:])
     assert last < first, f"Lm did not fall: {first:.4f} -> {last:.4f}"
     assert np.mean(total[-3:]) < 0.7 * np.mean(total[:3]), total
-    assert _scalars(run_dir, "Train Loss Dict/perception_loss")
-    assert _scalars(run_dir, "Train Loss Dict/centroid_loss"), "the centroid loss never ran"
-    centroids = _scalars(run_dir, "Train Metrics Dict/centroids_upper")
+    assert scalars(run_dir, "Train Loss Dict/perception_loss")
+    assert scalars(run_dir, "Train Loss Dict/centroid_loss"), "the centroid loss never ran"
+    centroids = scalars(run_dir, "Train Metrics Dict/centroids_upper")
     assert centroids and centroids[-1][1] > 0
 
 

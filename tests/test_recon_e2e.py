@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
+from tb_logs import scalars
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +74,6 @@ def test_short_training_run_converges_and_reloads(trained_run):
     assert "pipeline" in state
 
 
-def _scalars(run_dir: Path, tag: str):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
-
-
 def test_short_run_logs_depth_loss_and_refines(trained_run):
     """The schedule follows --max-num-iterations, so a 300-step run crosses the refinement window; the
     run logs depth_loss, Gaussian count and split counts; the saved config holds the scaled schedule."""
@@ -90,10 +83,10 @@ def test_short_run_logs_depth_loss_and_refines(trained_run):
     config = yaml.load(trained_run.read_text(), Loader=yaml.Loader)
     assert config.pipeline.model.refine_start == 100
     assert config.optimizers["means"]["scheduler"].max_steps == 300
-    assert _scalars(run_dir, "Train Loss Dict/depth_loss"), "depth_loss was not logged"
-    counts = _scalars(run_dir, "Train Metrics Dict/gaussian_count")
+    assert scalars(run_dir, "Train Loss Dict/depth_loss"), "depth_loss was not logged"
+    counts = scalars(run_dir, "Train Metrics Dict/gaussian_count")
     assert counts and counts[-1][1] > 500
-    total = _scalars(run_dir, "Train Metrics Dict/refine_splits_total")
+    total = scalars(run_dir, "Train Metrics Dict/refine_splits_total")
     assert total, "refine_splits_total was not logged"
     before = [v for s, v in total if s <= 100]
     assert all(v == 0 for v in before), total

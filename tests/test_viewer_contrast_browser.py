@@ -30,7 +30,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import pytest
 
-from browser import TESTS_DIR, ViewerPage, ViewerServer, require_browser
+from browser import TESTS_DIR, ViewerPage, ViewerServer, require_browser, serve_and_open
 
 pytestmark = pytest.mark.slow
 
@@ -102,20 +102,8 @@ def open_contrast_viewer(config_path: Path, view: int, log_path: Optional[Path] 
     """Like :func:`browser.open_viewer`, with :class:`ContrastViewerServer`: everything is torn down on the way out,
     and the viewer's log tail and the browser console are printed when the body raises."""
     server = ContrastViewerServer(config_path, view, log_path=log_path)
-    page: Optional[ViewerPage] = None
-    try:
-        server.start(timeout_s=300)
-        page = ViewerPage(server.url, viewport=viewport, timeout_s=120).open()
-        yield server, page
-    except BaseException:
-        print(f"--- ns-viewer log tail ({server.log_path}):\n{server.log_tail()}")
-        if page is not None:
-            print("--- browser console (last 30):\n" + "\n".join(page.console[-30:]))
-        raise
-    finally:
-        if page is not None:
-            page.close()
-        server.stop()
+    with serve_and_open(server, viewport, start_timeout_s=300, timeout_s=120) as opened:
+        yield opened
 
 
 # ----------------------------------------------------------------------------------------------- geometry

@@ -4,24 +4,5 @@ The label-propagation protocol builds on :mod:`pepeseg3d_ns.eval.metrics` and th
 :class:`pepeseg3d_ns.data.gt_masks.GtMasks` that the dataparsers attach.
 """
 
-from pepeseg3d_ns.eval.metrics import (
-    BOUNDARY_RATIO,
-    SegmentationScores,
-    boundary_band,
-    boundary_iou,
-    erode,
-    iou,
-    mask_boundary,
-    pixel_accuracy,
-)
-
-__all__ = [
-    "BOUNDARY_RATIO",
-    "SegmentationScores",
-    "boundary_band",
-    "boundary_iou",
-    "erode",
-    "iou",
-    "mask_boundary",
-    "pixel_accuracy",
-]
+from pepeseg3d_ns.eval.metrics import *  # noqa: F401,F403  (the names listed in metrics.__all__)
+from pepeseg3d_ns.eval.metrics import __all__  # noqa: F401

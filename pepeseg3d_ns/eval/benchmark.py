@@ -59,10 +59,6 @@ def _train(config) -> float:
     return time.perf_counter() - t0
 
 
-def _done(config_path: Path) -> bool:
-    return (config_path.parent / "nerfstudio_models").is_dir() and any((config_path.parent / "nerfstudio_models").glob("*.ckpt"))
-
-
 def consistency(records: Sequence[Dict], level: Optional[str] = None, iou_min: float = CONSISTENT_IOU) -> float:
     """Fraction of propagation records (one per object and held-out view) with IoU >= ``iou_min``."""
     rs = [r for r in records if level is None or r["level"] == level]
@@ -72,7 +68,7 @@ def consistency(records: Sequence[Dict], level: Optional[str] = None, iou_min: f
 def run_scene(scene_dir: Path, out_dir: Path, settings: BenchmarkSettings, rows: Sequence[str] = (),
               dataparser: str = "synthetic", progress: bool = True) -> List[Dict]:
     """All rows of :data:`ROWS` (or those named in ``rows``) on one scene folder; returns one result per row."""
-    from pepeseg3d_ns.demo import evaluate_segmentation, make_config, make_contrast_config
+    from pepeseg3d_ns.demo import evaluate_segmentation, finished_run, make_config, make_contrast_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +89,7 @@ def run_scene(scene_dir: Path, out_dir: Path, settings: BenchmarkSettings, rows:
             for k, v in RECON[geometry].items():
                 setattr(rc.pipeline.model, k, v)
             path = rc.get_base_dir() / "config.yml"
-            if not _done(path):
+            if not finished_run(rc, settings.recon_steps):
                 _train(rc)
             recon_paths[geometry] = path
         cc = make_contrast_config(recon_paths[geometry], out_dir / "runs", settings.contrast_steps, settings.device,
@@ -102,7 +98,7 @@ def run_scene(scene_dir: Path, out_dir: Path, settings: BenchmarkSettings, rows:
         for k, v in overrides.items():
             setattr(cc.pipeline.model, k, v)
         cpath = cc.get_base_dir() / "config.yml"
-        train_s = _train(cc) if not _done(cpath) else float("nan")
+        train_s = _train(cc) if not finished_run(cc, settings.contrast_steps) else float("nan")
         seg = evaluate_segmentation(cpath, settings.threshold, progress=progress)
         summary = seg["summary"]
         levels = {lvl: {**s, "consistency": consistency(seg["records"], lvl)} for lvl, s in summary["per_level"].items()}
