@@ -163,7 +163,7 @@ class Benchmark:
     resolution: int = 128
     n_views: int = 40
     recon_steps: int = 2000
-    contrast_steps: int = 2000
+    contrast_steps: int = 1000
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
     threshold: float = 0.7

@@ -64,6 +64,7 @@ def test_losses_fall_and_schedule_scaled(runs):
     _, _, cfg = runs
     config = yaml.load(cfg.read_text(), Loader=yaml.Loader)
     assert config.pipeline.model.centroid_start == 84 and config.pipeline.model.centroid_every == 10
+    assert config.pipeline.model.gate_warmup == 36  # 0.3 x 120 steps
     run_dir = cfg.parent
     lm = [v for _, v in scalars(run_dir, "Train Loss Dict/contrast_loss")]
     total = [v for _, v in scalars(run_dir, "Train Loss")]

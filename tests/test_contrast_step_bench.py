@@ -100,6 +100,22 @@ def test_one_step_in_process_trains_only_features_and_gate(tmp_path):
     assert len(model.bank_upper) == 0  # no centroid refresh before centroid_start
 
 
+def test_gate_held_during_warmup_then_trained(tmp_path):
+    """``gate_warmup``: before it the losses see psi detached (features learn, the gate stays); from it on both."""
+    torch.set_num_threads(1)
+    model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, 300), centroid_start=10**6, gate_warmup=2)
+    opt = sb.make_optimizer(model)
+    cam, batch = sb.make_camera((24, 24)), sb.make_batch((24, 24), num_masks=12)
+    gate0 = [p.detach().clone() for p in model.scale_gate.parameters()]
+    feats0 = model.gauss_features.detach().clone()
+    for step in (0, 1):
+        sb.train_step(model, opt, cam, batch, step=step)
+    assert not torch.equal(model.gauss_features.detach(), feats0)
+    assert all(torch.equal(p.detach(), q) for p, q in zip(model.scale_gate.parameters(), gate0))
+    sb.train_step(model, opt, cam, batch, step=2)
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(model.scale_gate.parameters(), gate0))
+
+
 def test_format_markdown_handmade_rows():
     row = {"gaussians": 50000, "height": 128, "width": 128, "threads": 1, "setup_s": 1.234, "knn_s": 0.5,
            "plain_total_s": 0.75, "plain_forward_s": 0.25, "plain_loss_s": 0.2, "plain_backward_s": 0.25,

@@ -139,6 +139,11 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """HDBSCAN subsample size per refresh (the rest of the pixels is assigned to the nearest cluster centre)."""
     cluster_min_size: int = 25
     """HDBSCAN min_cluster_size (pixels of the subsample)."""
+    gate_warmup: int = 3000
+    """Steps during which the scale gate psi is held at its initial value (its output is detached) while the
+    features organise; 0 = trained from the first step as in the paper (scaled with --max-num-iterations,
+    reference 10k). Our addition: trained from step 0, the gate shuts most channels at every scale before the
+    features carry any structure, and the fine levels are lost (docs/contrast.md)."""
     num_downscales: int = 0
     """Features are learned at full image resolution."""
     viewer_scale: float = 0.5
@@ -147,9 +152,11 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """Where the viewer's export buttons write selections and masks."""
 
     def schedule_for(self, steps: int) -> Dict[str, int]:
-        """Step-valued fields for a run of ``steps`` iterations (paper: 10k steps, centroids from 7k every 200)."""
+        """Step-valued fields for a run of ``steps`` iterations (paper: 10k steps, centroids from 7k every 200;
+        our gate warm-up: 3k)."""
         r = steps / 10000
-        return {"centroid_start": round(7000 * r), "centroid_every": max(10, round(200 * r))}
+        return {"centroid_start": round(7000 * r), "centroid_every": max(10, round(200 * r)),
+                "gate_warmup": round(3000 * r)}
 
 
 class PepeContrastModel(PepeSplatfactoModel):
@@ -360,7 +367,7 @@ class PepeContrastModel(PepeSplatfactoModel):
                 weight = w[i] * w[j]
             else:
                 weight = torch.ones_like(s)
-            g = self.gate(s)
+            g = self._train_gate(s)
             losses["contrast_loss"] = cfg.lambda_m * L.scale_contrastive_loss(
                 Fp[i] * g, Fp[j] * g, targets["positive"], weight, targets["valid"])
             self._last_hard_fraction = float(targets["hard"].float().mean()) if s.numel() else 0.0
@@ -372,14 +379,14 @@ class PepeContrastModel(PepeSplatfactoModel):
             s_p = torch.rand(pix.numel(), generator=self._sample_gen).to(self.device)
             pp = S.perception_pairs(image, batch["depth_prior"].to(self.device)[..., 0].float(), pix, s_p,
                                     generator=self._sample_gen)
-            g = self.gate(s_p)
+            g = self._train_gate(s_p)
             fq = F.reshape(-1, D)[pp.q]
             losses["perception_loss"] = cfg.lambda_p * L.perception_loss(Fp * g, fq * g, pp.sim, pp.dis)
 
         if self._centroids_active():
             if (self.step - cfg.centroid_start) % max(cfg.centroid_every, 1) == 0:
                 self._refresh_centroids(F.detach(), covered)
-            g1, g0 = self.gate(1.0), self.gate(0.0)
+            g1, g0 = self._train_gate(1.0), self._train_gate(0.0)
             lc = Fp.sum() * 0
             if cfg.lambda_c_upper > 0 and len(self.bank_upper):
                 lc = lc + cfg.lambda_c_upper * self.bank_upper.loss(Fp * g1, cfg.centroid_tau)
@@ -390,6 +397,11 @@ class PepeContrastModel(PepeSplatfactoModel):
         if cfg.lambda_norm > 0:
             losses["norm_loss"] = cfg.lambda_norm * L.norm_regulariser(Fp)
         return losses
+
+    def _train_gate(self, s: Union[float, Tensor]) -> Tensor:
+        """``psi(s)`` for the training losses: detached (held at its initial value) during ``gate_warmup``."""
+        g = self.gate(s)
+        return g.detach() if self.step < self.config.gate_warmup else g
 
     def _centroids_active(self) -> bool:
         cfg = self.config

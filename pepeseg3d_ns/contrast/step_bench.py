@@ -204,7 +204,7 @@ def make_batch(resolution: Resolution, num_masks: int = 60, seed: int = 0, devic
 def build_model(checkpoint: Path, device: str = "cpu", centroid_start: int = 1000, centroid_every: int = 200,
                 **config_overrides):
     """The real :class:`~pepeseg3d_ns.contrast.model.PepeContrastModel` on the geometry of ``checkpoint``, in train
-    mode, plus ``info = {"setup_s": seconds of the whole construction, "knn_s": seconds of the kNN index build
+    mode (gate trained from step 0 unless ``gate_warmup`` is given), plus ``info = {"setup_s": seconds of the whole construction, "knn_s": seconds of the kNN index build
     inside it}``. ``config_overrides`` are fields of ``PepeContrastModelConfig``. Returns ``(model, info)``."""
     from nerfstudio.data.scene_box import SceneBox
 
@@ -219,6 +219,7 @@ def build_model(checkpoint: Path, device: str = "cpu", centroid_start: int = 100
             timing["knn_s"] = time.perf_counter() - t0
             return out
 
+    config_overrides.setdefault("gate_warmup", 0)  # a timed step includes the gate's backward
     cfg = PepeContrastModelConfig(recon_checkpoint=Path(checkpoint), centroid_start=centroid_start,
                                   centroid_every=centroid_every, **config_overrides)
     cfg._target = _TimedKnnModel

@@ -44,7 +44,7 @@ class BenchmarkSettings:
     resolution: int = 128
     n_views: int = 40
     recon_steps: int = 2000
-    contrast_steps: int = 2000
+    contrast_steps: int = 1000
     device: str = "cpu"
     seed: int = 0
     threshold: float = 0.7
