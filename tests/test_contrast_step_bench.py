@@ -116,6 +116,32 @@ def test_gate_held_during_warmup_then_trained(tmp_path):
     assert any(not torch.equal(p.detach(), q) for p, q in zip(model.scale_gate.parameters(), gate0))
 
 
+def test_omega_pixel_sampling_favours_small_masks(tmp_path):
+    """``pixel_sampling="omega"`` draws pixels with probability proportional to omega(p): a 4-pixel mask inside a
+    16x16 image covered by one big mask gets omega 10 against 1, so about 10x its uniform share."""
+    model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, 50), centroid_start=10**6,
+                              num_sample_pixels=20, pixel_sampling="omega")
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0] = True
+    masks[1, :2, :2] = True  # 4 px
+    areas, scales = masks.flatten(1).sum(1).float(), torch.tensor([1.0, 0.1])
+    valid = masks.any(0)
+    small = lambda pix: int((pix < 2).sum() + ((pix >= 16) & (pix < 18)).sum())  # noqa: E731  rows 0-1, cols 0-1
+    hits = {"omega": 0, "uniform": 0}
+    for mode in hits:
+        model.config.pixel_sampling = mode
+        model._sample_gen.manual_seed(0)
+        for _ in range(200):
+            pix = model._sample_pixels(valid, masks, areas, scales)
+            assert pix.numel() == 20 and pix.unique().numel() == 20
+            hits[mode] += small(pix)
+    # uniform: 20 * 4/256 = 0.31 small pixels per draw; omega: 20 * 40/292 = 2.7 (minus sampling without replacement)
+    assert hits["uniform"] / 200 < 0.6 and hits["omega"] / 200 > 1.8, hits
+    model.config.pixel_sampling = "stratified"
+    with pytest.raises(ValueError, match="pixel_sampling"):
+        model._sample_pixels(valid, masks, areas, scales)
+
+
 def test_format_markdown_handmade_rows():
     row = {"gaussians": 50000, "height": 128, "width": 128, "threads": 1, "setup_s": 1.234, "knn_s": 0.5,
            "plain_total_s": 0.75, "plain_forward_s": 0.25, "plain_loss_s": 0.2, "plain_backward_s": 0.25,

@@ -109,6 +109,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """3D feature smoothing: each Gaussian's feature averaged with this many nearest neighbours (0 = off)."""
     num_sample_pixels: int = 1000
     """Pixels sampled per step (among those inside a SAM mask with a known scale)."""
+    pixel_sampling: str = "uniform"
+    """How the pixels of a step are drawn among the covered ones: "uniform", or "omega" (probability proportional
+    to the pixel weight omega(p) of eq. 7, so pixels of small masks are drawn up to 10x more often)."""
     num_pairs: int = 4096
     """Pixel pairs of the scale-aware contrastive loss per step (each with its own uniform scale)."""
     hard_pair_fraction: float = 0.25
@@ -314,9 +317,20 @@ class PepeContrastModel(PepeSplatfactoModel):
         return crop & sel
 
     # ------------------------------------------------------------------ losses
-    def _sample_pixels(self, valid: Tensor) -> Tensor:
+    def _sample_pixels(self, valid: Tensor, masks: Optional[Tensor] = None, areas: Optional[Tensor] = None,
+                       mask_scales: Optional[Tensor] = None) -> Tensor:
+        """Flat indices of ``num_sample_pixels`` distinct pixels among ``valid [H, W]`` (see ``pixel_sampling``)."""
+        from pepeseg3d_ns.contrast.sampling import pixel_weights
+
         idx = torch.nonzero(valid.flatten()).flatten()
         n = min(self.config.num_sample_pixels, idx.numel())
+        if self.config.pixel_sampling == "omega" and masks is not None and n > 0:
+            member = masks.flatten(1)[:, idx].T  # [P, M]
+            w = pixel_weights(member, areas, mask_scales).double().cpu()
+            pick = torch.multinomial(w, n, replacement=False, generator=self._sample_gen).to(idx.device)
+            return idx[pick]
+        if self.config.pixel_sampling not in ("uniform", "omega"):
+            raise ValueError(f"pixel_sampling must be 'uniform' or 'omega', got {self.config.pixel_sampling!r}")
         perm = torch.randperm(idx.numel(), generator=self._sample_gen)[:n].to(idx.device)
         return idx[perm]
 
@@ -350,7 +364,7 @@ class PepeContrastModel(PepeSplatfactoModel):
         areas = batch["sam_mask_areas"].to(self.device).float()
         known = torch.isfinite(mask_scales)
         covered = (masks & known[:, None, None]).any(0) if masks.shape[0] else torch.zeros(H, W, dtype=torch.bool)
-        pix = self._sample_pixels(covered)
+        pix = self._sample_pixels(covered, masks, areas, mask_scales)
         losses: Dict[str, Tensor] = {}
         if pix.numel() < 2:
             losses["contrast_loss"] = F.sum() * 0
