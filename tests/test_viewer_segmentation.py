@@ -179,6 +179,7 @@ def seg(panel, loaded, v: int, **kw) -> np.ndarray:
 
 OBJECT = "snowman"  # the largest object of the tabletop scene, with parts (base, torso, head, hat, ...)
 OBJECT_SCALES = (0.5, 0.7, 0.9)  # mid to high scales: the best of these is used for the object test
+OBJECT_SCALE = 0.7  # the best of OBJECT_SCALES as measured (seed 0); at 0.5 the snowman's parts are still apart
 
 
 @slow
@@ -204,8 +205,9 @@ def test_click_on_object_segments_it_here_and_in_other_views(loaded, panel):
     best = max(scores, key=lambda s: scores[s][0] + scores[s][1])
     same, other = scores[best]
     print(f"object IoU by scale (clicked view, mean of {len(others)} other views): {scores}; best s = {best}")
-    # measured (seed 0): s = 0.5 best, 0.851 here and 0.794 in the other views; other seeds/learning rates tried gave
-    # 0.84-0.87 and 0.757-0.80
+    # measured (seed 0, gate warm-up 180 of 600 steps): s = 0.7 best, 0.849 here and 0.788 in the other views (0.5:
+    # 0.575 / 0.682, the snowman still split into parts). Without the warm-up: s = 0.5 best, 0.851 / 0.794; other
+    # seeds/learning rates tried gave 0.84-0.87 and 0.757-0.80
     assert same >= 0.75, scores
     assert other >= 0.7, scores
 
@@ -245,8 +247,9 @@ def test_scale_turns_a_part_into_its_whole_object(loaded, panel):
     print(f"{len(rows)} part clicks; mean IoU (part, object) at s={PART_LOW}: "
           f"({r[:, 0].mean():.3f}, {r[:, 1].mean():.3f}), "
           f"at s={PART_HIGH}: ({r[:, 2].mean():.3f}, {r[:, 3].mean():.3f}); part -> object flips: {flips}")
-    # measured (seed 0): 28 clicks, (part, object) IoU (0.362, 0.574) at s=0.1 -> (0.229, 0.829) at s=0.9, 4 flips;
-    # the object gain was 0.125-0.30 over the seeds tried at this learning rate
+    # measured (seed 0, gate warm-up): 28 clicks, (part, object) IoU (0.526, 0.401) at s=0.1 -> (0.228, 0.825) at
+    # s=0.9, 14 flips. Without the warm-up: (0.362, 0.574) -> (0.229, 0.829), 4 flips; the object gain was
+    # 0.125-0.30 over the seeds tried at this learning rate
     assert r[:, 3].mean() - r[:, 1].mean() >= 0.1  # the high-scale segment is the object, more than the low one
     assert r[:, 0].mean() > r[:, 2].mean()  # ... and less the part alone
     assert len(flips) >= 1
@@ -432,6 +435,7 @@ def test_outputs_for_camera(loaded, panel):
     assert len(colours) >= 3
     assert not torch.allclose(out["decomposition"], out["feature_pca"])
 
+    panel.scale.value = OBJECT_SCALE
     v, mask = click_object(loaded, panel)
     cam = loaded.cameras[v : v + 1]
     out = model.get_outputs_for_camera(cam)
