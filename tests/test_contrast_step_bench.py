@@ -142,6 +142,23 @@ def test_omega_pixel_sampling_favours_small_masks(tmp_path):
         model._sample_pixels(valid, masks, areas, scales)
 
 
+def test_non_finite_recon_gaussians_are_dropped(tmp_path):
+    from pepeseg3d_ns.contrast.model import load_recon_geometry
+
+    ckpt = sb.make_recon_checkpoint(tmp_path, 10)
+    state = torch.load(ckpt)
+    state["pipeline"]["_model.gauss_params.means"][3, 1] = float("nan")
+    state["pipeline"]["_model.gauss_params.quats"][7, 0] = float("inf")
+    torch.save(state, ckpt)
+    with pytest.warns(UserWarning, match="dropping 2 of 10 Gaussians"):
+        geometry, _, _ = load_recon_geometry(ckpt)
+    assert all(v.shape[0] == 8 and torch.isfinite(v).all() for v in geometry.values())
+    state["pipeline"]["_model.gauss_params.scales"][:] = float("nan")
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="diverged"):
+        load_recon_geometry(ckpt)
+
+
 def test_format_markdown_handmade_rows():
     row = {"gaussians": 50000, "height": 128, "width": 128, "threads": 1, "setup_s": 1.234, "knn_s": 0.5,
            "plain_total_s": 0.75, "plain_forward_s": 0.25, "plain_loss_s": 0.2, "plain_backward_s": 0.25,

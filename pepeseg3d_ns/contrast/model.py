@@ -32,6 +32,7 @@ camera-to-world), converted once in :func:`pepeseg3d_ns.render.cameras.viewmat_f
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Type, Union
@@ -81,7 +82,8 @@ def recon_config_path(path: Union[str, Path]) -> Optional[Path]:
 def load_recon_geometry(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Path, int]:
     """Gaussian parameters (raw, as stored: log-scales, logit opacities, SH) of a pepe-recon checkpoint:
     ``{"means": [N, 3], "scales": [N, 3], "quats": [N, 4], "features_dc": [N, 3], "features_rest": [N, K, 3],
-    "opacities": [N, 1]}``, the checkpoint path and its step."""
+    "opacities": [N, 1]}``, the checkpoint path and its step. Gaussians with a NaN or infinite parameter are dropped
+    with a warning (an error when none is left)."""
     ckpt = resolve_recon_checkpoint(path)
     state = torch.load(ckpt, map_location="cpu")
     pipe = state.get("pipeline", {})
@@ -91,6 +93,16 @@ def load_recon_geometry(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Path
         if name not in pipe:
             raise ValueError(f"{ckpt} is not a Gaussian-splatting checkpoint (no {name}); is it a pepe-recon run?")
         geometry[key] = pipe[name].float()
+    finite = torch.ones(geometry["means"].shape[0], dtype=torch.bool)
+    for t in geometry.values():
+        finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    if not bool(finite.all()):
+        n_bad = int((~finite).sum())
+        if n_bad == finite.numel():
+            raise ValueError(f"{ckpt}: every Gaussian has a NaN or infinite parameter; the pepe-recon run diverged")
+        warnings.warn(f"{ckpt}: dropping {n_bad} of {finite.numel()} Gaussians with NaN or infinite parameters "
+                      "(the pepe-recon run produced them; the rest of the geometry is used as is)")
+        geometry = {k: v[finite] for k, v in geometry.items()}
     return geometry, ckpt, int(state.get("step", -1))
 
 
