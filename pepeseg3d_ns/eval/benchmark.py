@@ -146,7 +146,7 @@ def consistency_figure(results: Sequence[Dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     scenes = list(dict.fromkeys(r["scene"] for r in results))
-    fig, axes = plt.subplots(1, len(scenes), figsize=(5 * len(scenes), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(scenes), figsize=(5 * len(scenes), 3.9), squeeze=False)
     for ax, scene in zip(axes[0], scenes):
         rs = [r for r in results if r["scene"] == scene]
         levels = list(dict.fromkeys(l for r in rs for l in r["per_level"]))
@@ -157,8 +157,9 @@ def consistency_figure(results: Sequence[Dict], path: Path) -> Path:
         ax.set_xticks(np.arange(len(levels)) + width * (len(rs) - 1) / 2, levels)
         ax.set_ylim(0, 1)
         ax.set_title(f"{scene}: views where the clicked object keeps its segment (IoU ≥ {CONSISTENT_IOU})", fontsize=8)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=max(len(labels), 1), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend below the panels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
