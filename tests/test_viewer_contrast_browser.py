@@ -296,16 +296,13 @@ def contrast_run(browser_ready, tmp_path_factory):
     return shared_tabletop_run(tmp_path_factory)
 
 
-def _object_scale() -> float:
-    from test_viewer_segmentation import OBJECT_SCALE
-
-    return OBJECT_SCALE
-
 
 def test_click_to_segment_in_the_browser(contrast_run, tmp_path):
+    from test_viewer_segmentation import OBJECT_SCALE
+
     scene, cfg = contrast_run
     click = pick_click(scene, cfg)
-    images = segment_in_browser(cfg, click, tmp_path / "shots", log_path=tmp_path / "viewer.log", scale=_object_scale())
+    images = segment_in_browser(cfg, click, tmp_path / "shots", log_path=tmp_path / "viewer.log", scale=OBJECT_SCALE)
     assert (tmp_path / "shots" / "viewer_segmentation.png").is_file()
     rgb = images["rgb"]
     H, W = rgb.shape[:2]

@@ -35,7 +35,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Type, Union
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor
@@ -121,7 +121,7 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """3D feature smoothing: each Gaussian's feature averaged with this many nearest neighbours (0 = off)."""
     num_sample_pixels: int = 1000
     """Pixels sampled per step (among those inside a SAM mask with a known scale)."""
-    pixel_sampling: str = "uniform"
+    pixel_sampling: Literal["uniform", "omega"] = "uniform"
     """How the pixels of a step are drawn among the covered ones: "uniform", or "omega" (probability proportional
     to the pixel weight omega(p) of eq. 7, so pixels of small masks are drawn up to 10x more often)."""
     num_pairs: int = 4096
@@ -334,15 +334,16 @@ class PepeContrastModel(PepeSplatfactoModel):
         """Flat indices of ``num_sample_pixels`` distinct pixels among ``valid [H, W]`` (see ``pixel_sampling``)."""
         from pepeseg3d_ns.contrast.sampling import pixel_weights
 
+        mode = self.config.pixel_sampling
+        if mode not in ("uniform", "omega"):
+            raise ValueError(f"pixel_sampling must be 'uniform' or 'omega', got {mode!r}")
         idx = torch.nonzero(valid.flatten()).flatten()
         n = min(self.config.num_sample_pixels, idx.numel())
-        if self.config.pixel_sampling == "omega" and masks is not None and n > 0:
+        if mode == "omega" and masks is not None and n > 0:
             member = masks.flatten(1)[:, idx].T  # [P, M]
             w = pixel_weights(member, areas, mask_scales).double().cpu()
             pick = torch.multinomial(w, n, replacement=False, generator=self._sample_gen).to(idx.device)
             return idx[pick]
-        if self.config.pixel_sampling not in ("uniform", "omega"):
-            raise ValueError(f"pixel_sampling must be 'uniform' or 'omega', got {self.config.pixel_sampling!r}")
         perm = torch.randperm(idx.numel(), generator=self._sample_gen)[:n].to(idx.device)
         return idx[perm]
 

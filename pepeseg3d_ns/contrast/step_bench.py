@@ -204,8 +204,8 @@ def make_batch(resolution: Resolution, num_masks: int = 60, seed: int = 0, devic
 def build_model(checkpoint: Path, device: str = "cpu", centroid_start: int = 1000, centroid_every: int = 200,
                 **config_overrides):
     """The real :class:`~pepeseg3d_ns.contrast.model.PepeContrastModel` on the geometry of ``checkpoint``, in train
-    mode (gate trained from step 0 unless ``gate_warmup`` is given), plus ``info = {"setup_s": seconds of the whole construction, "knn_s": seconds of the kNN index build
-    inside it}``. ``config_overrides`` are fields of ``PepeContrastModelConfig``. Returns ``(model, info)``."""
+    mode (gate trained from step 0 unless ``gate_warmup`` is given), plus ``info = {"setup_s": seconds of the whole
+    construction, "knn_s": seconds of the kNN index build inside it}``. ``config_overrides`` are fields of ``PepeContrastModelConfig``. Returns ``(model, info)``."""
     from nerfstudio.data.scene_box import SceneBox
 
     from pepeseg3d_ns.contrast.model import PepeContrastModel, PepeContrastModelConfig
