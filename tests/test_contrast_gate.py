@@ -37,6 +37,27 @@ def test_init_near_half_and_scale_dependent():
     assert out.std(dim=0).mean() > 0.005
 
 
+def test_nested_init_opens_channels_below_their_knots():
+    """``init="nested"``: channel c is open (> 0.9) below its knot and shut (< 0.05) 0.25 above it; the number of
+    open channels falls with the scale, and the coarsest channels stay open at s = 1."""
+    gate = ScaleGate(init="nested")
+    knots = gate.channel_knots()
+    assert knots.shape == (32,) and torch.all(knots[1:] >= knots[:-1]) and knots.max() > 1.0
+    s = torch.linspace(0, 1, 101)
+    with torch.no_grad():
+        out = gate(s)
+    below = s[:, None] < knots[None, :] - 0.02
+    above = s[:, None] > knots[None, :] + 0.25
+    assert (out[below] > 0.9).all() and (out[above] < 0.05).all()
+    n_open = (out > 0.5).sum(1)
+    assert torch.all(n_open[1:] <= n_open[:-1]) and n_open[0] == 32 and 2 <= n_open[-1] <= 8
+    # deterministic (no random draw) and still trainable everywhere it is open
+    assert torch.equal(ScaleGate(init="nested")(s), out)
+    ScaleGate(init="nested")(torch.rand(64) * 0.5).sum().backward()
+    with pytest.raises(ValueError, match="init"):
+        ScaleGate(init="random")
+
+
 def test_deterministic_given_seed():
     torch.manual_seed(7)
     a = ScaleGate()

@@ -9,6 +9,7 @@ import torch
 
 from pepeseg3d_ns.contrast.sampling import (
     active_labels,
+    mask_balanced_probabilities,
     mask_rank,
     membership,
     normalise_depth,
@@ -94,6 +95,36 @@ def test_pixel_weights_small_masks_weigh_more_range_1_to_10():
         pixel_weights(member, areas[:3])
     with pytest.raises(ValueError, match="> 0"):
         pixel_weights(member, torch.tensor([70.0, 0.0, 20, 20, 10]))
+
+
+def test_mask_balanced_probabilities_give_each_mask_an_equal_share():
+    """10x10 image: mask 0 covers all 100 px, mask 1 a 2x2 corner (4 px), mask 2 (NaN scale) another corner.
+    Mask-first route: 1/2 * (1/100 + 1/4) = 0.13 inside the corner, 1/2 * 1/100 = 0.005 elsewhere, so the 4-pixel
+    mask gets 52 % of the draws (uniform: 4 %)."""
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[0] = True
+    masks[1, :2, :2] = True
+    masks[2, 8:, 8:] = True
+    scales = torch.tensor([0.9, 0.1, NAN])
+    corner = masks[1].flatten()
+    p = mask_balanced_probabilities(masks, scales, mix=1.0)
+    assert p.shape == (100,) and p.dtype == torch.float64
+    assert torch.allclose(p[corner], torch.full((4,), 0.13, dtype=torch.float64))
+    assert torch.allclose(p[~corner], torch.full((96,), 0.005, dtype=torch.float64))
+    assert math.isclose(float(p[corner].sum()), 0.52) and math.isclose(float(p.sum()), 1.0)
+    # mix 0 is uniform over the covered pixels; mix 0.5 halfway between
+    assert torch.allclose(mask_balanced_probabilities(masks, scales, mix=0.0), torch.full((100,), 0.01, dtype=torch.float64))
+    half = mask_balanced_probabilities(masks, scales, mix=0.5)
+    assert math.isclose(float(half[corner].sum()), 0.5 * 0.04 + 0.5 * 0.52)
+    # pixels in no usable mask are never drawn; the NaN-scale mask counts for nothing
+    only = mask_balanced_probabilities(masks[1:], scales[1:], mix=1.0)
+    assert torch.allclose(only[corner], torch.full((4,), 0.25, dtype=torch.float64)) and float(only[~corner].abs().sum()) == 0
+    assert float(mask_balanced_probabilities(masks[2:], scales[2:]).sum()) == 0
+    assert mask_balanced_probabilities(torch.zeros(0, 4, 4, dtype=torch.bool), torch.zeros(0)).shape == (16,)
+    with pytest.raises(ValueError, match="mix"):
+        mask_balanced_probabilities(masks, scales, mix=1.5)
+    with pytest.raises(ValueError, match="masks"):
+        mask_balanced_probabilities(masks[0], scales)
 
 
 def test_active_labels_on_nested_hierarchy():

@@ -33,8 +33,11 @@ class ScaleGate(nn.Module):
     expected in ``[0, 1]``; values outside are accepted (the MLP extrapolates linearly before the sigmoid).
     """
 
-    def __init__(self, dim: int = 32, hidden: int = 32) -> None:
+    def __init__(self, dim: int = 32, hidden: int = 32, init: str = "hinge") -> None:
         super().__init__()
+        if init not in ("hinge", "nested"):
+            raise ValueError(f"init must be 'hinge' or 'nested', got {init!r}")
+        self.init = init
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(hidden, int) or hidden < 1:
@@ -47,7 +50,11 @@ class ScaleGate(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Hinges at evenly spread knots with random orientation; small random output layer (see module doc)."""
+        """``init="hinge"``: hinges at evenly spread knots with random orientation, small random output layer;
+        ``init="nested"``: each channel open below its own knot (see the module doc)."""
+        if self.init == "nested":
+            self._reset_nested()
+            return
         h = self.hidden
         knots = (torch.arange(h, dtype=torch.float32) + 0.5) / h  # [h] in (0, 1)
         sign = torch.where(torch.rand(h) < 0.5, -1.0, 1.0)
@@ -56,6 +63,22 @@ class ScaleGate(nn.Module):
         self.fc1.bias.copy_(-slope * knots)
         self.fc2.weight.normal_(0.0, 0.5 / math.sqrt(h))
         self.fc2.bias.zero_()
+
+    @torch.no_grad()
+    def _reset_nested(self, open_logit: float = 4.0, slope: float = 30.0, top: float = 1.1) -> None:
+        h, d = self.hidden, self.dim
+        knots = (torch.arange(h, dtype=torch.float32) + 1.0) / h * top  # hidden unit j = relu(s - t_j), t in (0, top]
+        self.fc1.weight.fill_(1.0)
+        self.fc1.bias.copy_(-knots)
+        unit = torch.div(torch.arange(d) * h, d, rounding_mode="floor")  # channel c -> hidden unit of its knot
+        self.fc2.weight.zero_()
+        self.fc2.weight[torch.arange(d), unit] = -slope
+        self.fc2.bias.fill_(open_logit)
+
+    def channel_knots(self, top: float = 1.1) -> Tensor:
+        """``[D]`` the scale below which each channel is open under ``init="nested"`` (before training)."""
+        unit = torch.div(torch.arange(self.dim) * self.hidden, self.dim, rounding_mode="floor")
+        return (unit.float() + 1.0) / self.hidden * top
 
     def forward(self, s: Tensor) -> Tensor:  # noqa: D102 (documented on the class)
         w = self.fc1.weight
@@ -72,4 +95,4 @@ class ScaleGate(nn.Module):
         return torch.sigmoid(self.fc2(torch.relu(self.fc1(s[:, None]))))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden}"
+        return f"dim={self.dim}, hidden={self.hidden}, init={self.init}"

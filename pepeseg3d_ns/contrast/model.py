@@ -121,9 +121,13 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """3D feature smoothing: each Gaussian's feature averaged with this many nearest neighbours (0 = off)."""
     num_sample_pixels: int = 1000
     """Pixels sampled per step (among those inside a SAM mask with a known scale)."""
-    pixel_sampling: Literal["uniform", "omega"] = "uniform"
-    """How the pixels of a step are drawn among the covered ones: "uniform", or "omega" (probability proportional
-    to the pixel weight omega(p) of eq. 7, so pixels of small masks are drawn up to 10x more often)."""
+    pixel_sampling: Literal["uniform", "omega", "mask"] = "uniform"
+    """How the pixels of a step are drawn among the covered ones: "uniform"; "omega" (probability proportional
+    to the pixel weight omega(p) of eq. 7, so pixels of small masks are drawn up to 10x more often); "mask"
+    (mask-balanced: a share mask_balance of the draws picks a mask uniformly, then a pixel in it, so every mask
+    gets about the same number of pixels whatever its area)."""
+    mask_balance: float = 0.5
+    """With pixel_sampling "mask": share of the pixels drawn mask-first (the rest uniformly); 0 = uniform."""
     num_pairs: int = 4096
     """Pixel pairs of the scale-aware contrastive loss per step (each with its own uniform scale)."""
     hard_pair_fraction: float = 0.25
@@ -154,6 +158,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """HDBSCAN subsample size per refresh (the rest of the pixels is assigned to the nearest cluster centre)."""
     cluster_min_size: int = 25
     """HDBSCAN min_cluster_size (pixels of the subsample)."""
+    gate_init: Literal["hinge", "nested"] = "hinge"
+    """Initial scale gate psi: "hinge" (about 0.5 on every channel, mildly different per scale) or "nested"
+    (channel c open below its own knot t_c, spread over (0, 1.1]: the finer the scale, the more channels)."""
     gate_warmup: int = 3000
     """Steps during which the scale gate psi is held at its initial value (its output is detached) while the
     features organise; 0 = trained from the first step as in the paper (scaled with --max-num-iterations,
@@ -198,7 +205,7 @@ class PepeContrastModel(PepeSplatfactoModel):
         gen = torch.Generator().manual_seed(0)
         feats = torch.randn(n, cfg.feature_dim, generator=gen)
         self.gauss_features = Parameter(feats / feats.norm(dim=-1, keepdim=True))
-        self.scale_gate = ScaleGate(dim=cfg.feature_dim, hidden=cfg.gate_hidden)
+        self.scale_gate = ScaleGate(dim=cfg.feature_dim, hidden=cfg.gate_hidden, init=cfg.gate_init)
         self.register_buffer("knn", self._build_knn(geometry["means"]), persistent=True)
         self.bank_upper = CentroidBank(cfg.feature_dim)
         self.bank_lower = CentroidBank(cfg.feature_dim)
@@ -334,16 +341,22 @@ class PepeContrastModel(PepeSplatfactoModel):
         """Flat indices of ``num_sample_pixels`` distinct pixels among ``valid [H, W]`` (see ``pixel_sampling``)."""
         from pepeseg3d_ns.contrast.sampling import pixel_weights
 
+        from pepeseg3d_ns.contrast.sampling import mask_balanced_probabilities
+
         mode = self.config.pixel_sampling
-        if mode not in ("uniform", "omega"):
-            raise ValueError(f"pixel_sampling must be 'uniform' or 'omega', got {mode!r}")
+        if mode not in ("uniform", "omega", "mask"):
+            raise ValueError(f"pixel_sampling must be 'uniform', 'omega' or 'mask', got {mode!r}")
         idx = torch.nonzero(valid.flatten()).flatten()
         n = min(self.config.num_sample_pixels, idx.numel())
-        if mode == "omega" and masks is not None and n > 0:
-            member = masks.flatten(1)[:, idx].T  # [P, M]
-            w = pixel_weights(member, areas, mask_scales).double().cpu()
-            pick = torch.multinomial(w, n, replacement=False, generator=self._sample_gen).to(idx.device)
-            return idx[pick]
+        if mode in ("omega", "mask") and masks is not None and n > 0:
+            if mode == "omega":
+                member = masks.flatten(1)[:, idx].T  # [P, M]
+                w = pixel_weights(member, areas, mask_scales).double().cpu()
+            else:
+                w = mask_balanced_probabilities(masks, mask_scales, self.config.mask_balance)[idx].cpu()
+            if int((w > 0).sum()) >= n:
+                pick = torch.multinomial(w, n, replacement=False, generator=self._sample_gen).to(idx.device)
+                return idx[pick]
         perm = torch.randperm(idx.numel(), generator=self._sample_gen)[:n].to(idx.device)
         return idx[perm]
 

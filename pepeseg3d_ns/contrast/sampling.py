@@ -7,6 +7,7 @@ in this module), their pixel areas ``mask_areas: [M]``, and ``P`` sampled pixels
 
 * ``membership``      -- ``member: bool [P, M]``, which masks contain each sampled pixel;
 * ``pixel_weights``   -- ``omega(p)`` (paper eq. 7);
+* ``mask_balanced_probabilities`` -- pixel draw probabilities giving every mask an equal share (our addition);
 * ``active_labels``   -- ``Lambda(s, p)``, the finest mask containing ``p`` whose scale is ``>= s``;
 * ``pair_targets``    -- positive / hard / valid flags of pairs ``(i, j)`` at per-pair scales ``s``;
 * ``sample_pairs``    -- pairs ``(i, j, s)`` with uniform scales and over-sampled hard pairs;
@@ -172,6 +173,48 @@ def pixel_weights(
         out[covered] = float(w_min)
     else:
         out[covered] = (w_min + (w_max - w_min) * (raw - lo) / (hi - lo)).float()
+    return out
+
+
+def mask_balanced_probabilities(masks: Tensor, mask_scales: Tensor, mix: float = 0.5) -> Tensor:
+    """Per-pixel draw probabilities that give every SAM mask an equal share of the sampled pixels.
+
+    A pixel is drawn by one of two routes: with probability ``1 - mix`` uniformly among the covered pixels (the
+    pixels inside at least one mask with a finite scale), with probability ``mix`` by first picking one of those
+    masks uniformly and then a uniform pixel inside it. The marginal probability of pixel ``p`` is therefore
+
+    ``prob(p) = (1 - mix) / n_covered + mix * (1 / M') * sum_{m : p in m} 1 / area(m)``
+
+    with ``M'`` the number of non-empty masks with a finite scale and ``area(m)`` its pixel count. A mask of
+    ``a`` pixels receives about ``mix / M'`` of the draws whatever ``a`` is, so a 50-pixel object gets the same
+    number of samples as a 5000-pixel table (uniform drawing would give it 1 %). ``mix = 0`` is uniform.
+
+    Args:
+        masks: ``[M, H, W]`` SAM masks (bool, or nonzero = inside); ``M`` may be 0.
+        mask_scales: ``float [M]``; masks with a non-finite scale are ignored.
+        mix: share of the mask-first route, in ``[0, 1]``.
+
+    Returns:
+        ``float64 [H * W]`` (flat ``y * W + x``), summing to 1 over the covered pixels and 0 elsewhere; all zeros
+        when no pixel is covered.
+    """
+    if not isinstance(masks, Tensor) or masks.dim() != 3:
+        raise ValueError(f"masks must be a [M, H, W] tensor, got shape {tuple(getattr(masks, 'shape', ()))}")
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    m, h, w = masks.shape
+    scales = _check_scales(mask_scales, m).to(masks.device)
+    flat = masks.reshape(m, h * w).bool() & torch.isfinite(scales)[:, None]
+    area = flat.sum(1)
+    flat = flat[area > 0]
+    area = area[area > 0].double()
+    covered = flat.any(0)
+    out = torch.zeros(h * w, dtype=torch.float64, device=masks.device)
+    n = int(covered.sum())
+    if n == 0:
+        return out
+    out[covered] = (1.0 - mix) / n
+    out += mix * (flat.double() / area[:, None]).sum(0) / flat.shape[0]
     return out
 
 
