@@ -58,6 +58,23 @@ def test_nested_init_opens_channels_below_their_knots():
         ScaleGate(init="random")
 
 
+def test_band_init_gives_each_scale_its_own_channels():
+    """``init="band"``: channel c is open (> 0.7) within 0.05 of its centre and shut (< 0.05) 0.3 away from it, so
+    the channels open at s = 0 and at s = 1 are disjoint and every scale has a handful of its own."""
+    gate = ScaleGate(init="band")
+    centres = gate.channel_centres()
+    s = torch.linspace(0, 1, 101)
+    with torch.no_grad():
+        out = gate(s)
+    dist = (s[:, None] - centres[None, :]).abs()
+    assert (out[dist < 0.05] > 0.7).all() and (out[dist > 0.3] < 0.05).all()
+    n_open = (out > 0.5).sum(1)
+    assert n_open.min() >= 5 and n_open.max() <= 16
+    assert not ((out[0] > 0.5) & (out[-1] > 0.5)).any()
+    with pytest.raises(ValueError, match="hidden >= 2"):
+        ScaleGate(hidden=1, init="band")
+
+
 def test_deterministic_given_seed():
     torch.manual_seed(7)
     a = ScaleGate()

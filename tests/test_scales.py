@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pepeseg3d_ns.priors.scales import ScaleMap, backproject, mask_sizes, remove_isolated_pixels
+from pepeseg3d_ns.priors.scales import ScaleMap, backproject, depth_inliers, mask_sizes, remove_isolated_pixels
 
 
 def square_view(res: int, side: float = 0.6, depth: float = 2.0, f_scale: float = 1.0):
@@ -60,8 +60,40 @@ def test_isolated_boundary_pixels_do_not_count():
     noisy[5, 40:42] = True  # a 2-pixel spur
     assert remove_isolated_pixels(noisy[None])[0, 2, 2].item() is False
     torch.testing.assert_close(mask_sizes(noisy[None], depth, K)[0], clean)
-    # without the clean-up the stray pixels would inflate the size a lot
-    assert mask_sizes(noisy[None], depth, K, min_neighbors=0)[0] > 1.5 * clean
+    # without either clean-up the stray pixels would inflate the size a lot; the depth-outlier step alone
+    # (min_neighbors=0) also removes them, since they lie 8 m behind the square
+    assert mask_sizes(noisy[None], depth, K, min_neighbors=0, outlier_k=None)[0] > 1.5 * clean
+    assert mask_sizes(noisy[None], depth, K, min_neighbors=0)[0] == pytest.approx(clean.item(), rel=0.02)
+
+
+def test_mask_bleeding_onto_the_background_keeps_the_object_size():
+    """A mask dilated by 3 px past the square's border takes a ring of background 8 m behind: the ring (32 % of
+    the mask's pixels) is dropped as depth outliers, so the size stays within 15 % of the clean mask's (the ring's
+    in-plane extent is gone with it); with the depth-outlier step off it is several times larger."""
+    mask, depth, K = square_view(96)
+    clean = mask_sizes(mask[None], depth, K)[0]
+    bled = torch.nn.functional.max_pool2d(mask[None, None].float(), 7, stride=1, padding=3)[0, 0] > 0
+    assert 0.25 < float((bled & ~mask).sum() / bled.sum()) < 0.4
+    robust = mask_sizes(bled[None], depth, K)[0]
+    assert robust == pytest.approx(clean.item(), rel=0.15)
+    assert mask_sizes(bled[None], depth, K, outlier_k=None)[0] > 4 * clean
+
+
+def test_depth_inliers_keep_continuous_depth_and_flat_masks():
+    """A ramp of depths (a plane seen at a grazing angle) loses nothing; a flat mask (MAD 0) keeps everything
+    within 1 % of its depth and drops a pixel 50 % behind."""
+    ramp = torch.linspace(1.0, 4.0, 200)
+    sel = torch.ones(1, 200, dtype=torch.bool)
+    assert depth_inliers(sel, ramp).all()
+    flat = torch.full((200,), 2.0)
+    flat[7] = 2.01
+    flat[9] = 3.0
+    keep = depth_inliers(sel, flat)[0]
+    assert keep.sum() == 199 and not keep[9] and keep[7]
+    # rows are independent and pixels outside a row's mask stay out
+    two = torch.stack([sel[0], torch.arange(200) < 100])
+    out = depth_inliers(two, flat)
+    assert out[1, 100:].sum() == 0 and out[1, :100].sum() == 99
 
 
 def test_invalid_depth_and_tiny_masks():

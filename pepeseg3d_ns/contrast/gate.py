@@ -35,8 +35,10 @@ class ScaleGate(nn.Module):
 
     def __init__(self, dim: int = 32, hidden: int = 32, init: str = "hinge") -> None:
         super().__init__()
-        if init not in ("hinge", "nested"):
-            raise ValueError(f"init must be 'hinge' or 'nested', got {init!r}")
+        if init not in ("hinge", "nested", "band"):
+            raise ValueError(f"init must be 'hinge', 'nested' or 'band', got {init!r}")
+        if init == "band" and hidden < 2:
+            raise ValueError(f"init='band' needs hidden >= 2 (rising and falling hinges), got {hidden}")
         self.init = init
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
@@ -54,6 +56,9 @@ class ScaleGate(nn.Module):
         ``init="nested"``: each channel open below its own knot (see the module doc)."""
         if self.init == "nested":
             self._reset_nested()
+            return
+        if self.init == "band":
+            self._reset_band()
             return
         h = self.hidden
         knots = (torch.arange(h, dtype=torch.float32) + 0.5) / h  # [h] in (0, 1)
@@ -74,6 +79,30 @@ class ScaleGate(nn.Module):
         self.fc2.weight.zero_()
         self.fc2.weight[torch.arange(d), unit] = -slope
         self.fc2.bias.fill_(open_logit)
+
+    @torch.no_grad()
+    def _reset_band(self, open_logit: float = 4.0, slope: float = 40.0, half_width: float = 0.1) -> None:
+        h, d = self.hidden, self.dim
+        n_up = h // 2  # hidden units 0..n_up-1: relu(s - k_j); n_up..h-1: relu(k_j - s)
+        n_dn = h - n_up
+        k_up = torch.linspace(0.0, 1.0, n_up) if n_up > 1 else torch.tensor([0.5])
+        k_dn = torch.linspace(0.0, 1.0, n_dn) if n_dn > 1 else torch.tensor([0.5])
+        self.fc1.weight[:n_up, 0] = 1.0
+        self.fc1.bias[:n_up] = -k_up
+        self.fc1.weight[n_up:, 0] = -1.0
+        self.fc1.bias[n_up:] = k_dn
+        self.fc2.weight.zero_()
+        self.fc2.bias.fill_(open_logit)
+        for c, t in enumerate(self.channel_centres().tolist()):
+            hi, lo = t + half_width, t - half_width
+            if hi < 1.0:  # shut above hi (rising hinge at the nearest knot)
+                self.fc2.weight[c, int(torch.argmin((k_up - hi).abs()))] = -slope
+            if lo > 0.0:  # shut below lo
+                self.fc2.weight[c, n_up + int(torch.argmin((k_dn - lo).abs()))] = -slope
+
+    def channel_centres(self) -> Tensor:
+        """``[D]`` the scale at the middle of each channel's open band under ``init="band"`` (before training)."""
+        return (torch.arange(self.dim, dtype=torch.float32) + 0.5) / self.dim
 
     def channel_knots(self, top: float = 1.1) -> Tensor:
         """``[D]`` the scale below which each channel is open under ``init="nested"`` (before training)."""

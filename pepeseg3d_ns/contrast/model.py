@@ -158,9 +158,10 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """HDBSCAN subsample size per refresh (the rest of the pixels is assigned to the nearest cluster centre)."""
     cluster_min_size: int = 25
     """HDBSCAN min_cluster_size (pixels of the subsample)."""
-    gate_init: Literal["hinge", "nested"] = "hinge"
+    gate_init: Literal["hinge", "nested", "band"] = "hinge"
     """Initial scale gate psi: "hinge" (about 0.5 on every channel, mildly different per scale) or "nested"
-    (channel c open below its own knot t_c, spread over (0, 1.1]: the finer the scale, the more channels)."""
+    (channel c open below its own knot t_c, spread over (0, 1.1]: the finer the scale, the more channels) or
+    "band" (channel c open in a band of scales around its own centre: each scale has its own channels)."""
     gate_warmup: int = 3000
     """Steps during which the scale gate psi is held at its initial value (its output is detached) while the
     features organise; 0 = trained from the first step as in the paper (scaled with --max-num-iterations,

@@ -38,7 +38,8 @@ class PepeContrastPipeline(VanillaPipeline):
     def ensure_scene_scales(self):
         """The scene's mask scales for the frozen geometry: loaded from ``scales.json`` when it was measured on
         the same pepe-recon checkpoint, else measured now (rendered depth of every training view) and saved."""
-        from pepeseg3d_ns.priors.scales import compute_scene_scales, load_scene_scales, rendered_depth_fn, save_scene_scales
+        from pepeseg3d_ns.priors.scales import (SIZE_ESTIMATOR, compute_scene_scales, load_scene_scales, rendered_depth_fn,
+                                                save_scene_scales)
 
         dm = self.datamanager
         cache = dm.train_dataset.prior_cache
@@ -50,7 +51,8 @@ class PepeContrastPipeline(VanillaPipeline):
         source = self.model.recon_source
         try:
             scales = load_scene_scales(cache)
-            same = Path(scales.source.get("checkpoint", "")).resolve() == Path(source["checkpoint"]).resolve()
+            same = (Path(scales.source.get("checkpoint", "")).resolve() == Path(source["checkpoint"]).resolve()
+                    and scales.source.get("size_estimator") == SIZE_ESTIMATOR)
         except (FileNotFoundError, ValueError):
             scales, same = None, False
         stems = [Path(p).stem for p in dm.train_dataset.image_filenames]
