@@ -73,6 +73,17 @@ def test_band_init_gives_each_scale_its_own_channels():
     assert not ((out[0] > 0.5) & (out[-1] > 0.5)).any()
     with pytest.raises(ValueError, match="hidden >= 2"):
         ScaleGate(hidden=1, init="band")
+    with pytest.raises(ValueError, match="band_half_width"):
+        ScaleGate(init="band", band_half_width=0.0)
+
+
+def test_band_half_width_sets_how_many_channels_share_a_scale():
+    """Halving the band's half width (with hidden 64, one knot per band edge) halves the channels open per scale."""
+    s = torch.linspace(0.2, 0.8, 31)
+    with torch.no_grad():
+        wide = (ScaleGate(hidden=64, init="band", band_half_width=0.1)(s) > 0.5).sum(1).float().mean()
+        narrow = (ScaleGate(hidden=64, init="band", band_half_width=0.05)(s) > 0.5).sum(1).float().mean()
+    assert 10 <= wide <= 16 and 5 <= narrow <= 8 and narrow < 0.65 * wide
 
 
 def test_deterministic_given_seed():
