@@ -165,6 +165,11 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """Initial scale gate psi (default "band", our addition; docs/contrast.md): "hinge" (about 0.5 on every channel, mildly different per scale) or "nested"
     (channel c open below its own knot t_c, spread over (0, 1.1]: the finer the scale, the more channels) or
     "band" (channel c open in a band of scales around its own centre: each scale has its own channels)."""
+    scale_power: float = 0.5
+    """The gate's scale axis: a mask whose quantile scale (priors/scales.py) is q trains at s = q ** scale_power, and
+    the viewer slider, ns-eval and the decomposition query the gate at that s. 1 = the quantile scale itself (the
+    paper's); 0.5 (our default) gives the finest masks more of [0, 1]: the 7 % of masks below q = 0.07, which
+    alone separate small sibling objects, get s < 0.26 (docs/contrast.md)."""
     gate_band_half_width: float = 0.1
     """With gate_init "band": half width w of each channel's band of scales (channel c starts open within about
     2w of its centre and shut 3w away from it)."""
@@ -394,7 +399,7 @@ class PepeContrastModel(PepeSplatfactoModel):
         F = outputs["features"]
         H, W, D = F.shape
         masks = batch["sam_masks"].to(self.device)
-        mask_scales = batch["mask_scales"].to(self.device).float()
+        mask_scales = self.gate_scales(batch["mask_scales"].to(self.device).float())
         areas = batch["sam_mask_areas"].to(self.device).float()
         known = torch.isfinite(mask_scales)
         covered = (masks & known[:, None, None]).any(0) if masks.shape[0] else torch.zeros(H, W, dtype=torch.bool)
@@ -445,6 +450,14 @@ class PepeContrastModel(PepeSplatfactoModel):
         if cfg.lambda_norm > 0:
             losses["norm_loss"] = cfg.lambda_norm * L.norm_regulariser(Fp)
         return losses
+
+    def gate_scales(self, mask_scales: Tensor) -> Tensor:
+        """Scales ``s`` ``[M]`` at which masks with quantile scales ``mask_scales`` ``[M]`` (NaN = unknown, kept
+        NaN) are learned: ``mask_scales ** scale_power``, still in [0, 1] and in the same order."""
+        p = float(self.config.scale_power)
+        if not p > 0:
+            raise ValueError(f"scale_power must be > 0, got {p}")
+        return mask_scales.clamp(min=0.0) ** p if p != 1.0 else mask_scales
 
     def _train_gate(self, s: Union[float, Tensor]) -> Tensor:
         """``psi(s)`` for the training losses: detached (held at its initial value) during ``gate_warmup``."""
