@@ -148,9 +148,8 @@ def test_omega_pixel_sampling_favours_small_masks(tmp_path):
 def test_gate_scales_stretch_the_fine_end(tmp_path):
     """``scale_power`` 0.5: quantile scale 0.04 trains at s = 0.2 and 0.25 at 0.5; 0 and 1 stay put, order is kept,
     unknown (NaN) stays unknown; power 1 is the identity; a power <= 0 is refused."""
-    model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, 20), centroid_start=10**6)
+    model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, 20), centroid_start=10**6, scale_power=0.5)
     q = torch.tensor([float("nan"), 0.0, 0.04, 0.25, 1.0])
-    assert model.config.scale_power == 0.5
     out = model.gate_scales(q)
     assert torch.isnan(out[0]) and torch.allclose(out[1:], torch.tensor([0.0, 0.2, 0.5, 1.0]))
     model.config.scale_power = 1.0
