@@ -44,6 +44,10 @@ class ScaleGate(nn.Module):
 
     def __init__(self, dim: int = 32, hidden: int = 32, init: str = "hinge", band_half_width: float = 0.1) -> None:
         super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
         if init not in ("hinge", "nested", "band"):
             raise ValueError(f"init must be 'hinge', 'nested' or 'band', got {init!r}")
         if init == "band" and hidden < 2:
@@ -52,10 +56,6 @@ class ScaleGate(nn.Module):
             raise ValueError(f"band_half_width must be in (0, 1], got {band_half_width}")
         self.init = init
         self.band_half_width = float(band_half_width)
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be a positive int, got {hidden!r}")
         self.dim = dim
         self.hidden = hidden
         self.fc1 = nn.Linear(1, hidden)
@@ -65,12 +65,13 @@ class ScaleGate(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """``init="hinge"``: hinges at evenly spread knots with random orientation, small random output layer;
-        ``init="nested"``: each channel open below its own knot (see the module doc)."""
+        ``"nested"``: each channel open below its own knot; ``"band"``: each channel open in a band of scales around
+        its own centre, ``band_half_width`` wide (see the module doc)."""
         if self.init == "nested":
             self._reset_nested()
             return
         if self.init == "band":
-            self._reset_band(slope=4.0 / self.band_half_width, half_width=self.band_half_width)
+            self._reset_band(self.band_half_width)
             return
         h = self.hidden
         knots = (torch.arange(h, dtype=torch.float32) + 0.5) / h  # [h] in (0, 1)
@@ -93,7 +94,8 @@ class ScaleGate(nn.Module):
         self.fc2.bias.fill_(open_logit)
 
     @torch.no_grad()
-    def _reset_band(self, open_logit: float = 4.0, slope: float = 40.0, half_width: float = 0.1) -> None:
+    def _reset_band(self, half_width: float, open_logit: float = 4.0) -> None:
+        slope = 4.0 / half_width  # 40 at the default half width 0.1: shut (< 0.05) about 2 half widths past an edge
         h, d = self.hidden, self.dim
         n_up = h // 2  # hidden units 0..n_up-1: relu(s - k_j); n_up..h-1: relu(k_j - s)
         n_dn = h - n_up

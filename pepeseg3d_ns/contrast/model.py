@@ -124,10 +124,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     the render, so 4x the pixels costs little (measured on the 128 px demo: same wall time, objects 0.76 -> 0.81)."""
     pixel_sampling: Literal["uniform", "omega", "mask"] = "mask"
     """How the pixels of a step are drawn among the covered ones (default "mask", our addition; the paper draws
-    them "uniform"ly): "uniform"; "omega" (probability proportional
-    to the pixel weight omega(p) of eq. 7, so pixels of small masks are drawn up to 10x more often); "mask"
-    (mask-balanced: a share mask_balance of the draws picks a mask uniformly, then a pixel in it, so every mask
-    gets about the same number of pixels whatever its area)."""
+    them "uniform"ly): "uniform"; "omega" (probability proportional to the pixel weight omega(p) of eq. 7, so pixels
+    of small masks are drawn up to 10x more often); "mask" (mask-balanced: a share mask_balance of the draws picks a
+    mask uniformly, then a pixel in it, so every mask gets about the same number of pixels whatever its area)."""
     mask_balance: float = 0.5
     """With pixel_sampling "mask": share of the pixels drawn mask-first (the rest uniformly); 0 = uniform."""
     num_pairs: int = 16384
@@ -162,9 +161,10 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     cluster_min_size: int = 25
     """HDBSCAN min_cluster_size (pixels of the subsample)."""
     gate_init: Literal["hinge", "nested", "band"] = "band"
-    """Initial scale gate psi (default "band", our addition; docs/contrast.md): "hinge" (about 0.5 on every channel, mildly different per scale) or "nested"
-    (channel c open below its own knot t_c, spread over (0, 1.1]: the finer the scale, the more channels) or
-    "band" (channel c open in a band of scales around its own centre: each scale has its own channels)."""
+    """Initial scale gate psi (default "band", our addition; docs/contrast.md): "hinge" (about 0.5 on every
+    channel, mildly different per scale), "nested" (channel c open below its own knot t_c, spread over (0, 1.1]:
+    the finer the scale, the more channels) or "band" (channel c open in a band of scales around its own centre:
+    each scale has its own channels)."""
     scale_power: float = 1.0
     """The gate's scale axis: a mask whose quantile scale (priors/scales.py) is q trains at s = q ** scale_power, and
     the viewer slider, ns-eval and the decomposition query the gate at that s. 1 = the quantile scale itself (the
@@ -353,9 +353,7 @@ class PepeContrastModel(PepeSplatfactoModel):
     def _sample_pixels(self, valid: Tensor, masks: Optional[Tensor] = None, areas: Optional[Tensor] = None,
                        mask_scales: Optional[Tensor] = None) -> Tensor:
         """Flat indices of ``num_sample_pixels`` distinct pixels among ``valid [H, W]`` (see ``pixel_sampling``)."""
-        from pepeseg3d_ns.contrast.sampling import pixel_weights
-
-        from pepeseg3d_ns.contrast.sampling import mask_balanced_probabilities
+        from pepeseg3d_ns.contrast.sampling import mask_balanced_probabilities, pixel_weights
 
         mode = self.config.pixel_sampling
         if mode not in ("uniform", "omega", "mask"):
