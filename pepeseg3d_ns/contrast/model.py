@@ -165,12 +165,12 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     channel, mildly different per scale), "nested" (channel c open below its own knot t_c, spread over (0, 1.1]:
     the finer the scale, the more channels) or "band" (channel c open in a band of scales around its own centre:
     each scale has its own channels)."""
-    scale_power: float = 1.0
+    scale_power: float = 0.5
     """The gate's scale axis: a mask whose quantile scale (priors/scales.py) is q trains at s = q ** scale_power, and
     the viewer slider, ns-eval and the decomposition query the gate at that s. 1 = the quantile scale itself (the
-    paper's, default); 0.5 gives the finest masks more of [0, 1]: the 7 % of masks below q = 0.07, which alone
-    separate small sibling objects, get s < 0.26. Measured on the demo: objects 0.809 -> 0.904, but the viewer
-    test's 3D selection of a clicked object fell below its bar, so it is not the default yet (docs/contrast.md)."""
+    paper's); 0.5 (default, our addition) gives the finest masks more of [0, 1]: the 7 % of masks below q = 0.07,
+    which alone separate small sibling objects, get s < 0.26. Measured on the demo: objects 0.809 (1.0) -> 0.904
+    (0.5); whole objects sit at s of about 0.7-1 instead of 0.5-1 (docs/contrast.md)."""
     gate_band_half_width: float = 0.1
     """With gate_init "band": half width w of each channel's band of scales (channel c starts open within about
     2w of its centre and shut 3w away from it)."""
