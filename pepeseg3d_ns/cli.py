@@ -1,4 +1,4 @@
-"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``scales``, ``demo``, ``bench-render``, ``bench-priors``.
+"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``demo``, ``bench-render``, ``bench-priors``.
 
 Each subcommand is a small dataclass parsed by tyro (``pepeseg3d SUBCOMMAND --help`` lists its options).
 Heavy imports happen inside the subcommands so ``pepeseg3d --help`` stays fast.
@@ -200,40 +200,6 @@ class BenchRender:
 
 
 @dataclass
-class Scales:
-    """Measure every mask's 3D size with the rendered depth of a trained pepe-recon run; store the scene's
-    size-to-scale map in <data>/pepe_priors/scales.json (read by pepe-contrast)."""
-
-    load_config: Path
-    """config.yml of a finished pepe-recon run."""
-    min_alpha: float = 0.5
-    """Pixels whose rendered opacity is below this have no depth and are ignored."""
-
-    def main(self) -> None:
-        import numpy as np
-        from nerfstudio.utils.eval_utils import eval_setup
-
-        from pepeseg3d_ns.priors.cache import PriorCache
-        from pepeseg3d_ns.priors.scales import compute_scene_scales, rendered_depth_fn, save_scene_scales
-
-        _, pipeline, ckpt, step = eval_setup(self.load_config, test_mode="val")
-        dm = pipeline.datamanager
-        # the datamanager opened and validated the cache already, unless the run had priors="off"
-        cache = dm.train_dataset.prior_cache or PriorCache.open(dm.prior_cache_location())
-        stems = [Path(p).stem for p in dm.train_dataset.image_filenames]
-        scene = compute_scene_scales(
-            cache, stems, rendered_depth_fn(pipeline, self.min_alpha),
-            source={"recon_config": str(self.load_config), "checkpoint": str(ckpt), "step": int(step)},
-        )
-        path = save_scene_scales(cache, scene)
-        sizes = np.concatenate(list(scene.sizes.values()))
-        finite = sizes[np.isfinite(sizes)]
-        q = np.quantile(finite, [0.05, 0.5, 0.95]) if finite.size else [float("nan")] * 3
-        print(f"{len(stems)} views, {sizes.size} masks ({sizes.size - finite.size} without valid depth); "
-              f"sizes 5/50/95 %: {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} (scene units) -> {path}")
-
-
-@dataclass
 class BenchPriors:
     """Seconds per image and peak memory of SAM masks and Depth-Anything depth (tiny random models, loaded
     through the real loading code), and the prior cache size per image."""
@@ -258,7 +224,7 @@ class BenchPriors:
 def entrypoint() -> None:
     """Console script ``pepeseg3d``."""
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment, "decompose": Decompose,
+        {"synth": Synth, "priors": Priors, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment, "decompose": Decompose,
          "benchmark": Benchmark,
          "bench-render": BenchRender, "bench-contrast": BenchContrast,
          "bench-priors": BenchPriors},

@@ -51,7 +51,7 @@ pepe_recon = MethodSpecification(
         max_num_iterations=30000,
         mixed_precision=False,
         pipeline=VanillaPipelineConfig(
-            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig(), priors="require"),
+            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig(), priors="auto"),
             model=PepeReconModelConfig(),
         ),
         optimizers=gaussian_optimizers(30000),
@@ -59,7 +59,9 @@ pepe_recon = MethodSpecification(
         vis="viewer",
     ),
     description="PePESeg3D stage 1: Gaussian Splatting with the monocular depth constraint (CPU or CUDA). "
-    "Needs the priors cache: run `pepeseg3d priors --data SCENE` first.",
+    "Computes the SAM / Depth-Anything priors of its training images when they are not cached "
+    "(--pipeline.datamanager.prior-sources.sam-checkpoint PATH; simulated for synthetic scenes), or run "
+    "`pepeseg3d priors --data SCENE` first.",
 )
 
 
@@ -73,7 +75,7 @@ pepe_contrast = MethodSpecification(
         max_num_iterations=10000,
         mixed_precision=False,
         pipeline=PepeContrastPipelineConfig(
-            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig(load_3D_points=False), priors="require"),
+            datamanager=PepeDatamanagerConfig(dataparser=PepeDataParserConfig(load_3D_points=False), priors="auto"),
             model=PepeContrastModelConfig(),
         ),
         optimizers={
@@ -86,5 +88,5 @@ pepe_contrast = MethodSpecification(
         vis="viewer",
     ),
     description="PePESeg3D stage 2: multi-scale contrastive Gaussian features on frozen pepe-recon geometry. "
-    "Needs --pipeline.model.recon-checkpoint RECON_RUN/config.yml and the priors cache.",
+    "Needs --pipeline.model.recon-checkpoint RECON_RUN/config.yml and the priors pepe-recon used.",
 )

@@ -82,9 +82,6 @@ def test_losses_fall_and_schedule_scaled(runs):
 def test_checkpoint_reloads_with_features_centroids_and_scales(runs):
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from pepeseg3d_ns.priors.cache import PriorCache
-    from pepeseg3d_ns.priors.scales import load_scene_scales
-
     scene, recon_cfg, cfg = runs
     _, pipeline, _, step = eval_setup(cfg, test_mode="test")
     model = pipeline.model
@@ -93,8 +90,10 @@ def test_checkpoint_reloads_with_features_centroids_and_scales(runs):
     assert model.knn.shape == (model.num_points, 16)
     assert model.centroids_upper.shape[0] > 0 and len(model.bank_upper) == model.centroids_upper.shape[0]
     assert not any(p.requires_grad for p in model.gauss_params.values())
-    scales = load_scene_scales(PriorCache.open(scene / "pepe_priors"))
-    assert "nerfstudio_models" in scales.source["checkpoint"]
+    scales = model.mask_scales  # stored in the run's checkpoint, not in the scene's cache
+    assert scales is not None and "nerfstudio_models" in scales.source["checkpoint"]
+    assert len(scales.keys) == len(pipeline.datamanager.train_dataset)
+    assert all(np.nanmin(s) >= 0 and np.nanmax(s) <= 1 for s in scales.per_image())
     cam = pipeline.datamanager.eval_dataset.cameras[0:1]
     out = model.get_outputs_for_camera(cam)
     assert out["feature_pca"].shape == (48, 48, 3) and out["rgb"].shape == (48, 48, 3)

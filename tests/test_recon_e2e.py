@@ -145,27 +145,6 @@ def test_zero_gaussians_is_a_clear_error(trained_run):
         model.get_outputs_for_camera(camera)
 
 
-def test_scales_cli_on_trained_run(trained_run, tiny_scene):
-    """`pepeseg3d scales` renders the run's depth for every training view and stores one size per mask."""
-    import json
-
-    from pepeseg3d_ns.cli import Scales
-    from pepeseg3d_ns.priors.cache import PriorCache, build_cache, image_paths_for
-    from pepeseg3d_ns.priors.scales import load_scene_scales
-    from pepeseg3d_ns.priors.simulated import SimulatedDepthSource, SimulatedSamSource
-
-    build_cache(tiny_scene, image_paths_for(tiny_scene), SimulatedSamSource(tiny_scene), SimulatedDepthSource(tiny_scene), progress=False)
-    Scales(load_config=trained_run).main()
-    cache = PriorCache.open(tiny_scene)
-    scene = load_scene_scales(cache)
-    assert len(scene.sizes) == 11  # the training views (12 views, 1 held out)
-    for stem, sizes in scene.sizes.items():
-        assert sizes.shape == (len(cache.load_masks(stem)),)
-        s = scene.scales(stem)
-        assert np.nanmin(s) >= 0 and np.nanmax(s) <= 1
-    assert json.loads((cache.cache_dir / "scales.json").read_text())["source"]["step"] == 299
-
-
 @pytest.mark.parametrize("weight", [0.05, 0.0])
 def test_depth_loss_in_a_training_step(tiny_scene, tmp_path, weight):
     from pepeseg3d_ns.demo import make_config
@@ -184,7 +163,10 @@ def test_depth_loss_in_a_training_step(tiny_scene, tmp_path, weight):
         assert "depth_loss" not in loss_dict
 
 
-def test_pepe_recon_requires_priors(tiny_scene, tmp_path):
+def test_pepe_recon_computes_or_names_the_missing_priors(tiny_scene, tmp_path):
+    """A synthetic scene without a cache gets simulated priors from the datamanager itself; with priors="require",
+    or on a scene that is not synthetic and no SAM checkpoint, the error names the command that computes them."""
+    import json
     import shutil
 
     from pepeseg3d_ns.demo import make_config
@@ -193,7 +175,22 @@ def test_pepe_recon_requires_priors(tiny_scene, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(tiny_scene, bare, ignore=shutil.ignore_patterns("pepe_priors"))
     config = make_config(bare, tmp_path / "runs", steps=10, device="cpu")
-    with pytest.raises(PriorCacheError, match="pepeseg3d priors --data"):
+    config.pipeline.datamanager.priors = "require"
+    with pytest.raises(PriorCacheError, match=r"pepeseg3d priors --data \S*bare --sam-checkpoint"):
+        config.pipeline.datamanager.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+    config.pipeline.datamanager.priors = "auto"
+    dm = config.pipeline.datamanager.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+    assert len(dm.prior_keys) == len(dm.train_dataset) and (bare / "pepe_priors" / "cache.json").is_file()
+    _, batch = dm.next_train(0)
+    assert batch["depth_prior"].shape[:2] == batch["image"].shape[:2]
+
+    real = tmp_path / "real"  # the same images, but not a synthetic scene: no simulated priors
+    shutil.copytree(tiny_scene, real, ignore=shutil.ignore_patterns("pepe_priors"))
+    meta = json.loads((real / "transforms.json").read_text())
+    del meta["pepe_synthetic"]
+    (real / "transforms.json").write_text(json.dumps(meta))
+    config = make_config(real, tmp_path / "runs2", steps=10, device="cpu")
+    with pytest.raises(PriorCacheError, match="prior-sources.sam-checkpoint"):
         config.pipeline.datamanager.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
 
 

@@ -146,24 +146,30 @@ def test_scene_scales_order_the_synthetic_hierarchy(tmp_path):
     """With ground-truth depth and clean simulated masks, groups come out larger than their objects and
     objects larger than their parts, and one object's size agrees across views."""
     from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene, intrinsics, load_gt_depth, load_hierarchy
-    from pepeseg3d_ns.priors.cache import PriorCache, build_cache, image_paths_for
-    from pepeseg3d_ns.priors.scales import compute_scene_scales, load_scene_scales, save_scene_scales
+    from pepeseg3d_ns.priors.cache import PriorCache, load_image_rgb
+    from pepeseg3d_ns.priors.compute import PriorImage, compute_priors
+    from pepeseg3d_ns.priors.scales import SceneScales, compute_scene_scales
     from pepeseg3d_ns.priors.simulated import SimulatedDepthSource, SimulatedSamSource
 
     scene = generate_scene(SynthConfig(scene="tabletop", output_dir=tmp_path / "s", n_views=6, resolution=64, n_init_points=200), progress=False)
-    cache = build_cache(scene, image_paths_for(scene), SimulatedSamSource(scene, severity=0.0, background=False),
-                        SimulatedDepthSource(scene), progress=False)
+    images = [PriorImage(p.stem, load_image_rgb(p)) for p in sorted((scene / "images").glob("*.png"))]
+    cache = PriorCache.open(scene / "pepe_priors", create=True)
+    compute_priors(cache, images, SimulatedSamSource(scene, severity=0.0, background=False), SimulatedDepthSource(scene),
+                   progress=False)
+    stems = [im.stem for im in images]
+    masks = [cache.load(im.key).masks for im in images]
     fx, fy, cx, cy = intrinsics(64)
     K = torch.tensor([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]], dtype=torch.float64)
 
-    def gt_depth(stem):
-        return torch.from_numpy(load_gt_depth(scene, stem)).double(), K, None
+    def gt_depth(i):
+        return torch.from_numpy(load_gt_depth(scene, stems[i])).double(), K, None
 
-    result = compute_scene_scales(cache, cache.stems, gt_depth, source={"depth": "ground truth"}, progress=False)
+    result = compute_scene_scales(masks, [im.key for im in images], gt_depth, source={"depth": "ground truth"},
+                                  progress=False)
     by_label = {}
-    for stem in cache.stems:
-        labels = cache.load_masks(stem).meta["labels"]
-        for label, size in zip(labels, result.sizes[stem]):
+    for i in range(len(stems)):
+        labels = masks[i].meta["labels"]
+        for label, size in zip(labels, result.sizes[i]):
             for name in label.split("|"):  # a mask shared by two levels counts for both
                 by_label.setdefault(name, []).append(size)
     median = {k: np.nanmedian(v) for k, v in by_label.items() if np.isfinite(v).any()}
@@ -182,8 +188,15 @@ def test_scene_scales_order_the_synthetic_hierarchy(tmp_path):
     assert table, "some object should be seen in 3+ views"
     spreads = [np.nanstd(v) / np.nanmean(v) for v in table]
     assert np.median(spreads) < 0.35
-    save_scene_scales(cache, result)
-    again = load_scene_scales(PriorCache.open(scene))
-    for stem in cache.stems:
-        np.testing.assert_allclose(again.sizes[stem], result.sizes[stem])
-        np.testing.assert_allclose(again.scales(stem), result.scales(stem))
+    state = result.to_state()  # what the pepe-contrast checkpoint stores
+    again = SceneScales.from_state(torch.load(_round_trip(state, tmp_path), weights_only=True))
+    assert again.keys == result.keys and again.source == result.source
+    for i in range(len(stems)):
+        np.testing.assert_allclose(again.sizes[i], result.sizes[i])
+        np.testing.assert_allclose(again.scales(i), result.scales(i))
+
+
+def _round_trip(obj, folder):
+    path = folder / "state.pt"
+    torch.save(obj, path)
+    return path

@@ -256,10 +256,26 @@ class PepeContrastModel(PepeSplatfactoModel):
         for key in ("knn", "centroids_upper", "centroids_lower"):
             if key in state_dict:
                 setattr(self, key, torch.empty_like(state_dict[key], device=self.device))
+        if "_extra_state" not in state_dict:  # a checkpoint written before the mask scales were stored in it
+            state_dict = {**state_dict, "_extra_state": {}}
         torch.nn.Module.load_state_dict(self, state_dict, **kwargs)
         self.step = 30000
         self.bank_upper.load_tensor(self.centroids_upper)
         self.bank_lower.load_tensor(self.centroids_lower)
+
+    mask_scales = None
+    """:class:`~pepeseg3d_ns.priors.scales.SceneScales` of the training masks (set by the pipeline before training,
+    restored from the checkpoint)."""
+
+    def get_extra_state(self) -> Dict:
+        """Saved in the checkpoint beside the tensors: the mask scales (``SceneScales.to_state``)."""
+        return {"mask_scales": self.mask_scales.to_state()} if self.mask_scales is not None else {}
+
+    def set_extra_state(self, state) -> None:
+        from pepeseg3d_ns.priors.scales import SceneScales
+
+        if isinstance(state, dict) and state.get("mask_scales"):
+            self.mask_scales = SceneScales.from_state(state["mask_scales"])
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         """Only the features and the gate are optimised (optimizer groups ``gauss_features`` and ``scale_gate``)."""

@@ -1,6 +1,7 @@
-"""The pepe-contrast pipeline: nerfstudio's VanillaPipeline that, before training, makes sure every SAM mask has a
-scale measured on the frozen pepe-recon geometry (``<cache>/scales.json``, :mod:`pepeseg3d_ns.priors.scales`)
-and hands the scales to the datamanager (``batch["mask_scales"]``)."""
+"""The pepe-contrast pipeline: nerfstudio's VanillaPipeline that, before training, measures every SAM mask's scale
+on the frozen pepe-recon geometry (:mod:`pepeseg3d_ns.priors.scales`), keeps the result in the model (so it is
+saved in the run's checkpoint, never in a file shared with other runs) and hands the per-mask scales to the
+datamanager (``batch["mask_scales"]``)."""
 
 from __future__ import annotations
 
@@ -33,43 +34,41 @@ class PepeContrastPipeline(VanillaPipeline):
         super().__init__(config, device, test_mode=test_mode, world_size=world_size, local_rank=local_rank,
                          grad_scaler=grad_scaler)
         if test_mode == "val":  # training: the losses need every mask's scale
-            self.datamanager.scene_scales = self.ensure_scene_scales()
+            self.model.mask_scales = self.measure_mask_scales()
+            self.datamanager.mask_scales = self.model.mask_scales.per_image()
 
-    def ensure_scene_scales(self):
-        """The scene's mask scales for the frozen geometry: loaded from ``scales.json`` when it was measured on
-        the same pepe-recon checkpoint, else measured now (rendered depth of every training view) and saved."""
-        from pepeseg3d_ns.priors.scales import (SIZE_ESTIMATOR, compute_scene_scales, load_scene_scales, rendered_depth_fn,
-                                                save_scene_scales)
+    def measure_mask_scales(self):
+        """:class:`~pepeseg3d_ns.priors.scales.SceneScales` of the training views' masks: rendered depth of the
+        frozen geometry at each training view, masks from the datamanager's priors."""
+        from pepeseg3d_ns.priors.scales import compute_scene_scales, rendered_depth_fn
 
         dm = self.datamanager
-        cache = dm.train_dataset.prior_cache
-        if cache is None:
+        if getattr(dm, "prior_keys", None) is None:
             raise RuntimeError(
-                f"pepe-contrast needs the perception priors of the scene, and {dm.prior_cache_location()} holds none: "
-                "run `pepeseg3d priors --data SCENE` (the same cache pepe-recon used)"
+                "pepe-contrast needs the perception priors of the training images, and the datamanager attached none "
+                "(--pipeline.datamanager.priors off?): use the cache pepe-recon used, or compute it with "
+                "`pepeseg3d priors --data SCENE`"
             )
-        source = self.model.recon_source
-        try:
-            scales = load_scene_scales(cache)
-            same = (Path(scales.source.get("checkpoint", "")).resolve() == Path(source["checkpoint"]).resolve()
-                    and scales.source.get("size_estimator") == SIZE_ESTIMATOR)
-        except (FileNotFoundError, ValueError):
-            scales, same = None, False
-        stems = [Path(p).stem for p in dm.train_dataset.image_filenames]
-        if scales is not None and same and all(s in scales.sizes for s in stems):
-            CONSOLE.log(f"Mask scales from {Path(cache.cache_dir) / 'scales.json'}")
-            return scales
+        source = dict(self.model.recon_source)
         CONSOLE.log(f"Measuring mask scales on the frozen geometry of {source['checkpoint']}")
         was_training = self.model.training
         self.model.eval()
         try:
-            scales = compute_scene_scales(cache, stems, rendered_depth_fn(self, self.config.scales_min_alpha),
-                                          source=dict(source))
+            masks = [d["prior_masks"] for d in dm.cached_train]
+            scales = compute_scene_scales(masks, dm.prior_keys, rendered_depth_fn(self, self.config.scales_min_alpha),
+                                          source=source)
         finally:
             self.model.train(was_training)
-        path = save_scene_scales(cache, scales)
-        CONSOLE.log(f"Mask scales saved to {path}")
         return scales
+
+    def load_pipeline(self, loaded_state, step: int) -> None:
+        """nerfstudio's, then the datamanager's mask scales follow the loaded model's (a resumed run)."""
+        super().load_pipeline(loaded_state, step)
+        if self.test_mode == "val" and getattr(self.model, "mask_scales", None) is not None:
+            if list(self.model.mask_scales.keys) != list(self.datamanager.prior_keys or []):
+                CONSOLE.log("The checkpoint's mask scales belong to other priors than the cache holds now: re-measured")
+                self.model.mask_scales = self.measure_mask_scales()
+            self.datamanager.mask_scales = self.model.mask_scales.per_image()
 
     def get_average_eval_image_metrics(self, step: Optional[int] = None, output_path: Optional[Path] = None,
                                        get_std: bool = False):

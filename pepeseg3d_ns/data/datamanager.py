@@ -1,25 +1,27 @@
 """Datamanager and dataset for the PePESeg3D methods.
 
 :class:`PepeDataset` is nerfstudio's ``InputDataset`` with errors that name the file (an image that does not
-decode stops training with its path, not a stack trace from inside PIL), and with the perception priors of
-each image attached from the on-disk cache (:mod:`pepeseg3d_ns.priors.cache`).
+decode stops training with its path, not a stack trace from inside PIL).
 
 :class:`PepeDatamanager` is ``FullImageDatamanager`` made safe without CUDA (``cache_images="cpu"`` normally
-pins host memory, which raises without a GPU; there the images stay in ordinary memory) and it hands every
-training step the priors of its image:
+pins host memory, which raises without a GPU; there the images stay in ordinary memory). When training, it
+attaches the perception priors of every training image *after* nerfstudio has loaded, undistorted, cropped and
+downscaled it: the prior cache (:mod:`pepeseg3d_ns.priors.cache`) is keyed by a digest of exactly those pixels,
+and missing entries are computed on them (:mod:`pepeseg3d_ns.priors.compute`), so masks and depth are
+pixel-aligned with what the model sees whatever the dataparser and its options. Every training step carries:
 
-* ``batch["prior_masks"]``: the :class:`~pepeseg3d_ns.priors.masks.MaskSet` (bit-packed; what the image cache
-  keeps for every image, so the whole scene's masks stay compact in memory);
+* ``batch["prior_masks"]``: the :class:`~pepeseg3d_ns.priors.masks.MaskSet` of the image;
 * ``batch["sam_masks"]``: ``bool [M, H, W]`` dense masks of this one image on the model's device;
 * ``batch["sam_mask_areas"]``: ``int64 [M]`` pixel areas;
 * ``batch["depth_prior"]``: ``float32 [H, W, 1]`` relative inverse depth (larger = nearer, unknown scale and
   shift), on the model's device;
 * ``batch["mask_scales"]``: ``float32 [M]`` each mask's scale in [0, 1] (NaN = unknown), only when
-  :attr:`PepeDatamanager.scene_scales` is set (pepe-contrast sets it from ``scales.json``).
+  :attr:`PepeDatamanager.mask_scales` is set (the pepe-contrast pipeline measures them on its frozen geometry).
 
-All are at the resolution of the (possibly ``camera_res_scale_factor``-scaled) image. When splatfacto renders
-at a further reduced resolution early in training, :func:`downscale_prior_batch` brings them to it the same
-way splatfacto downsamples the image.
+All are at the resolution of the image the datamanager hands over. When splatfacto renders at a further reduced
+resolution early in training, :func:`downscale_prior_batch` brings them to it the same way splatfacto
+downsamples the image. ns-eval and the viewer (``test_mode`` "test" / "inference") attach no priors: a trained
+run opens without the cache.
 """
 
 from __future__ import annotations
@@ -38,27 +40,11 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from pepeseg3d_ns.priors.sources import PriorSourcesConfig
+
 
 class PepeDataset(InputDataset):
-    """InputDataset whose image loading errors name the offending file, with perception priors attached when
-    :attr:`prior_cache` is set (see the module docstring)."""
-
-    prior_cache = None  # a pepeseg3d_ns.priors.cache.PriorCache, set by PepeDatamanager
-
-    def get_metadata(self, data: Dict) -> Dict:
-        """Priors of image ``data["image_idx"]`` resized to ``data["image"]``'s size: ``prior_masks`` (MaskSet)
-        and ``depth_prior [H, W, 1]`` float32. Empty when no cache is attached."""
-        if self.prior_cache is None:
-            return {}
-        path = Path(self._dataparser_outputs.image_filenames[data["image_idx"]])
-        masks = self.prior_cache.load_masks(path.stem)
-        depth = torch.from_numpy(self.prior_cache.load_depth(path.stem))
-        h, w = data["image"].shape[:2]
-        if masks.shape != (h, w):
-            masks = masks.resized(h, w)
-        if tuple(depth.shape) != (h, w):
-            depth = F.interpolate(depth[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        return {"prior_masks": masks, "depth_prior": depth[..., None]}
+    """InputDataset whose image loading errors name the offending file."""
 
     def get_numpy_image(self, image_idx: int) -> np.ndarray:
         """Image ``[H, W, 3 or 4] uint8`` of training image ``image_idx``; clear errors for unreadable files."""
@@ -76,62 +62,138 @@ class PepeDataset(InputDataset):
 
 @dataclass
 class PepeDatamanagerConfig(FullImageDatamanagerConfig):
-    """Full-image datamanager that works with or without CUDA."""
+    """Full-image datamanager that works with or without CUDA and attaches the perception priors of the images it
+    trains on."""
 
     _target: Type = field(default_factory=lambda: PepeDatamanager)
     cache_images_type: Literal["uint8", "float32"] = "uint8"
     priors: Literal["auto", "require", "off"] = "auto"
-    """Perception priors (SAM masks, relative depth) from `pepeseg3d priors`: "auto" attaches them when the cache
-    exists, "require" stops with the command to build it when it does not, "off" ignores them."""
+    """Perception priors (SAM masks, relative depth) of the training images: "auto" uses the cache and computes
+    missing ones with prior-sources (simulated for synthetic scenes), "require" uses only what is cached, "off"
+    trains without them."""
     priors_dir: Optional[Path] = None
     """Prior cache folder; default <data>/pepe_priors."""
+    prior_sources: PriorSourcesConfig = field(default_factory=PriorSourcesConfig)
+    """Models that compute missing priors (SAM checkpoint, Depth-Anything model, or folders to import)."""
 
 
 class PepeDatamanager(FullImageDatamanager[PepeDataset]):
-    """FullImageDatamanager with :class:`PepeDataset` and no pinned memory when CUDA is absent."""
+    """FullImageDatamanager with :class:`PepeDataset`, no pinned memory when CUDA is absent, and the priors of
+    every training image attached after nerfstudio has undistorted and cached it (see the module docstring)."""
 
     config: PepeDatamanagerConfig
 
-    scene_scales = None  # a pepeseg3d_ns.priors.scales.SceneScales, set by the pepe-contrast pipeline
+    mask_scales: Optional[List[np.ndarray]] = None
+    """``float32 [M_i]`` scales of the masks of training image ``i`` (set by the pepe-contrast pipeline)."""
+
+    def __init__(self, config: PepeDatamanagerConfig, device="cpu", test_mode: Literal["test", "val", "inference"] = "val",
+                 world_size: int = 1, local_rank: int = 0, **kwargs):
+        self.prior_keys: Optional[List[str]] = None
+        super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kwargs)
+        if self.wants_priors:
+            _ = self.cached_train  # undistort, cache and attach priors now: later steps (mask scales) rely on both
 
     @property
     def dataset_type(self) -> Type[PepeDataset]:
         return PepeDataset
 
-    def create_train_dataset(self) -> PepeDataset:
-        dataset = super().create_train_dataset()
-        dataset.prior_cache = self._open_prior_cache(dataset, "train")
-        return dataset
+    @property
+    def wants_priors(self) -> bool:
+        """Priors are attached when training (``test_mode="val"``) unless ``priors="off"``; ns-eval and the viewer
+        never need them."""
+        return self.config.priors != "off" and self.test_mode == "val"
 
-    def create_eval_dataset(self) -> PepeDataset:
-        dataset = super().create_eval_dataset()
-        dataset.prior_cache = self._open_prior_cache(dataset, "eval")
-        return dataset
+    def data_dir(self) -> Path:
+        """The scene folder (the folder of a transforms.json given as --data)."""
+        data = Path(self.config.data or self.config.dataparser.data)
+        return data.parent if data.suffix == ".json" else data
 
-    def prior_cache_location(self) -> Path:
-        """``priors_dir``, else the data folder (which holds ``pepe_priors/``)."""
-        data_dir = Path(self.config.data or self.config.dataparser.data)
-        return self.config.priors_dir or (data_dir if data_dir.is_dir() else data_dir.parent)
+    def prior_cache_dir(self) -> Path:
+        """``priors_dir``, else ``<data>/pepe_priors``."""
+        from pepeseg3d_ns.priors.cache import PriorCache
 
-    def _open_prior_cache(self, dataset: PepeDataset, split: str):
-        """The validated prior cache for ``dataset``'s images, or None (``priors="off"``, or "auto" without one)."""
-        if self.config.priors == "off":
-            return None
+        return Path(self.config.priors_dir) if self.config.priors_dir else PriorCache.default_dir(self.data_dir())
+
+    def _load_images(self, split: Literal["train", "eval"], cache_images_device: Literal["cpu", "gpu"]) -> List[Dict[str, torch.Tensor]]:
+        if cache_images_device == "cpu" and not torch.cuda.is_available():
+            # pinning needs CUDA; "gpu" mode moves images to self.device, which is the CPU here
+            cache_images_device = "gpu"
+        cached = super()._load_images(split, cache_images_device)
+        if split == "train" and self.wants_priors:
+            self._attach_priors(cached)
+        return cached
+
+    # ------------------------------------------------------------------ priors
+    def _attach_priors(self, cached: List[Dict]) -> None:
+        """Put ``prior_masks`` (MaskSet) and ``depth_prior`` (``float32 [H, W, 1]``) into every cached training
+        image, from the cache entries of exactly these pixels; compute missing entries when sources are available
+        (``priors="auto"``); stop with a message naming the command that computes them otherwise."""
         from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
+        from pepeseg3d_ns.priors.compute import compute_priors, datamanager_images
 
-        location = self.prior_cache_location()
-        try:
-            cache = PriorCache.open(location)
-        except PriorCacheError:
-            if self.config.priors == "require":
-                raise
-            if split == "train":
-                CONSOLE.log(f"No perception-prior cache under {location}; training without priors.")
-            return None
-        cache.validate(dataset.image_filenames, check_files=False)
-        if split == "train":
-            CONSOLE.log(f"Perception priors ({cache.kind}) from {cache.cache_dir}")
-        return cache
+        images = datamanager_images(self, "train", cached)
+        cache = PriorCache.open(self.prior_cache_dir(), create=True)
+        broken = {im.key: cache.check_entry(im.key, deep=True) for im in images}
+        todo = [im for im in images if broken[im.key] is not None]
+        sources_cfg = self.config.prior_sources
+        if todo:
+            if self.config.priors == "auto" and sources_cfg.available(self.data_dir()):
+                mask_source, depth_source = sources_cfg.build(self.data_dir(), flag_prefix="--pipeline.datamanager.prior-sources.")
+                CONSOLE.log(f"Computing perception priors of {len(todo)} of {len(images)} training images into "
+                            f"{cache.cache_dir} ({getattr(mask_source, 'name', '?')} masks, "
+                            f"{getattr(depth_source, 'name', '?')} depth)")
+                stats = compute_priors(cache, todo, mask_source, depth_source, progress=True)
+                for problem in stats.repaired:
+                    CONSOLE.log(f"repaired: {problem}")
+                del mask_source, depth_source
+            else:
+                raise PriorCacheError(self._missing_priors_message(cache, images, todo, broken))
+        entries = []
+        for im, d in zip(images, cached):
+            pri = cache.load(im.key)
+            d["prior_masks"] = pri.masks
+            d["depth_prior"] = torch.from_numpy(pri.depth)[..., None]
+            entries.append(pri.entry)
+        self._check_one_setting(cache, entries)
+        self.prior_keys = [im.key for im in images]
+        kinds = sorted({f"{e['masks']['kind']} masks" for e in entries} | {f"{e['depth']['kind']} depth" for e in entries})
+        CONSOLE.log(f"Perception priors ({', '.join(kinds)}) of {len(images)} training images from {cache.cache_dir}")
+
+    @staticmethod
+    def _check_one_setting(cache, entries: List[dict]) -> None:
+        """PriorCacheError when the training images' entries were made by different source settings (two runs of
+        `pepeseg3d priors` with different settings on one cache)."""
+        from pepeseg3d_ns.priors.cache import PriorCacheError
+
+        for part in ("masks", "depth"):
+            groups: Dict[str, List[str]] = {}
+            for e in entries:
+                groups.setdefault(e[part]["signature_digest"], []).append(e["key"])
+            if len(groups) > 1:
+                desc = "; ".join(f"{len(v)} by {cache.read_entry(v[0])[part]['source']['name']} "
+                                 f"(settings {k}, e.g. {v[0]})" for k, v in groups.items())
+                raise PriorCacheError(
+                    f"the {part} priors of the training images in {cache.cache_dir} were made with different settings: "
+                    f"{desc}. Re-run `pepeseg3d priors` with the settings you want (entries made otherwise are recomputed)"
+                )
+
+    def _missing_priors_message(self, cache, images, todo, broken) -> str:
+        from pepeseg3d_ns.priors.cli import priors_command
+
+        first = todo[0]
+        damaged = [p for k, p in broken.items() if p is not None and cache.entry_path(k).is_file()]
+        lines = [
+            f"{len(todo)} of {len(images)} training images have no usable perception priors in {cache.cache_dir} "
+            f"(priors belong to the images as nerfstudio hands them to the model: undistorted, cropped, downscaled; "
+            f"e.g. {first.source_file} as {first.hw[0]}x{first.hw[1]})."
+        ]
+        if damaged:
+            lines.append(f"{len(damaged)} of them are damaged, e.g.: {damaged[0]}")
+        cmd = priors_command(self.config, "--sam-checkpoint sam_vit_h_4b8939.pth")
+        lines.append(f"Compute them with:\n  {cmd}\nor let ns-train compute them: add "
+                     f"--pipeline.datamanager.prior-sources.sam-checkpoint sam_vit_h_4b8939.pth"
+                     + (" (and drop --pipeline.datamanager.priors require)" if self.config.priors == "require" else ""))
+        return "\n".join(lines)
 
     def next_train(self, step: int) -> Tuple[Cameras, Dict]:
         """One training image (see the module docstring for the prior keys added to the batch)."""
@@ -141,20 +203,10 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
             data["sam_masks"] = masks.to_torch(self.device)
             data["sam_mask_areas"] = torch.from_numpy(masks.areas).to(self.device)
             data["depth_prior"] = data["depth_prior"].to(self.device)
-            if self.scene_scales is not None:
-                stem = Path(self.train_dataset.image_filenames[data["image_idx"]]).stem
-                scales = torch.from_numpy(self.scene_scales.scales(stem))
-                if scales.shape[0] != len(masks):
-                    raise ValueError(f"{stem}: {scales.shape[0]} mask scales for {len(masks)} masks; recompute the "
-                                     "scales (`pepeseg3d scales --load-config RECON_RUN/config.yml`)")
+            if self.mask_scales is not None:
+                scales = torch.from_numpy(self.mask_scales[data["image_idx"]])
                 data["mask_scales"] = scales.to(self.device)
         return camera, data
-
-    def _load_images(self, split: Literal["train", "eval"], cache_images_device: Literal["cpu", "gpu"]) -> List[Dict[str, torch.Tensor]]:
-        if cache_images_device == "cpu" and not torch.cuda.is_available():
-            # pinning needs CUDA; "gpu" mode moves images to self.device, which is the CPU here
-            cache_images_device = "gpu"
-        return super()._load_images(split, cache_images_device)
 
 
 def downscale_prior_batch(batch: Dict, factor: int) -> Dict:

@@ -77,14 +77,13 @@ def mask_layers(masks: np.ndarray, n_layers: int = 3, seed: int = 0) -> list:
     return layers
 
 
-def priors_preview(cache, stems: Sequence[str], out_png: Path, scale: int = 2) -> Path:
-    """Write a grid of what a prior cache holds: one row per view, columns RGB | fine / medium / coarse masks
-    (area tertiles, a colour per mask) | depth prior (yellow = near)."""
+def priors_preview(cache, images: Sequence, out_png: Path, scale: int = 2) -> Path:
+    """Write a grid of what a prior cache holds for ``images`` (:class:`~pepeseg3d_ns.priors.compute.PriorImage`):
+    one row per view, columns RGB (the image the model trains on) | fine / medium / coarse masks (area tertiles,
+    a colour per mask) | depth prior (yellow = near)."""
     rows = []
-    for stem in stems:
-        entry = cache.entry(stem)
-        rgb = np.asarray(Image.open(cache.data_dir / entry["file"]).convert("RGB"))
-        masks = cache.load_masks(stem).to_dense()
-        cols = [rgb, *mask_layers(masks), colorize_disparity(cache.load_depth(stem))]
+    for im in images:
+        pri = cache.load(im.key)
+        cols = [im.image, *mask_layers(pri.masks.to_dense()), colorize_disparity(pri.depth)]
         rows.append(np.concatenate(cols, axis=1))
     return save_grid(rows, out_png, scale)

@@ -1,16 +1,28 @@
-"""``pepeseg3d priors``: compute SAM masks and Depth-Anything-V2 depth for every training image, cached on disk.
+"""``pepeseg3d priors``: SAM masks and Depth-Anything-V2 depth of every training image, cached on disk.
 
-Re-running is cheap: images whose bytes and source configuration are unchanged are skipped, and an interrupted
-run resumes where it stopped.  Synthetic scenes (``pepeseg3d synth``) get simulated priors by default.
+The images are the ones ``ns-train`` trains on: the command builds the same datamanager (``--data``, the same
+dataparser subcommand and options, ``--camera-res-scale-factor``) and computes the priors of the images it hands
+over, undistorted, cropped and downscaled as nerfstudio does. Re-running is cheap: healthy entries made with the
+same settings are skipped, damaged ones are recomputed and reported, an interrupted run resumes, and ``--shard
+I/N`` splits the work over N processes sharing one cache. ``--check`` reports the cache's health without
+computing; ``--export-images DIR`` writes the training images for a model of your own, whose output
+``--masks-from`` / ``--depth-from`` import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
-__all__ = ["Priors"]
+from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
+
+from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
+from pepeseg3d_ns.priors.sources import PriorSourcesConfig
+
+__all__ = ["Priors", "priors_command", "dataparser_cli_args"]
 
 
 def _human_bytes(n: float) -> str:
@@ -21,134 +33,188 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-@dataclass
-class Priors:
-    """Compute the perception priors (SAM masks at every granularity + relative depth) of a dataset, cached in
-    <data>/pepe_priors/ (skips images already done; resumes an interrupted run)."""
+def _flag_value(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return " ".join(_flag_value(x) for x in v)
+    return shlex.quote(str(v))
 
-    data: Path
-    """Nerfstudio dataset folder (holding transforms.json); the images are its frames[*].file_path."""
-    sam_checkpoint: Optional[Path] = None
-    """SAM checkpoint file, e.g. sam_vit_h_4b8939.pth (from the segment-anything release)."""
-    sam_model_type: str = "auto"
-    """SAM variant: auto (read from the checkpoint), vit_h, vit_l or vit_b."""
-    depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
-    """Depth-Anything-V2 model: a Hugging Face id (read from / downloaded to the HF cache) or a local folder."""
-    device: Optional[Literal["cpu", "cuda"]] = None
-    """Device for SAM and Depth-Anything; default: cuda when available, else cpu."""
-    simulated: Optional[bool] = None
-    """Use simulated priors derived from the ground truth of a synthetic scene (labelled 'simulated' in the cache).
-    Default: yes when transforms.json has a pepe_synthetic block and no --sam-checkpoint is given."""
-    severity: float = 1.0
-    """Simulated priors only: 0 = perfect ground truth, 1 = typical SAM / Depth-Anything imperfections."""
-    seed: int = 0
-    """Simulated priors only: random seed."""
-    force: bool = False
-    """Recompute every image even when the cache is up to date."""
+
+# dataparser fields that do not change the images (so they never need repeating for the priors)
+_IMAGE_NEUTRAL_FIELDS = {"data", "load_3D_points", "_target"}
+
+
+def dataparser_cli_args(dataparser) -> str:
+    """The dataparser subcommand and options (``"colmap --downscale-factor 2"``) that give ``dataparser`` from
+    the command line of ``ns-train pepe-recon`` / ``pepeseg3d priors``; empty for the default parser with its
+    defaults. Only fields that differ from the parser's defaults are listed."""
+    from nerfstudio.configs.dataparser_configs import all_dataparsers
+
+    name = next((k for k, v in all_dataparsers.items() if type(v) is type(dataparser)), None)
+    if isinstance(dataparser, PepeDataParserConfig):
+        name = "nerfstudio-data"
+    defaults = type(dataparser)()
+    args = []
+    for f in dataclasses.fields(dataparser):
+        if f.name in _IMAGE_NEUTRAL_FIELDS or not f.init:
+            continue
+        value, default = getattr(dataparser, f.name), getattr(defaults, f.name)
+        if value != default:
+            args.append(f"--{f.name.replace('_', '-')} {_flag_value(value)}")
+    if name is None:
+        return " ".join(args)
+    if not args and isinstance(dataparser, PepeDataParserConfig):
+        return ""
+    return " ".join([name] + args)
+
+
+def priors_command(datamanager_config, extra: str = "") -> str:
+    """The ``pepeseg3d priors`` command line that computes the priors of the images ``datamanager_config`` (a
+    PepeDatamanagerConfig) trains on; ``extra`` (e.g. ``--sam-checkpoint X``) goes before the dataparser part."""
+    dm = datamanager_config
+    data = dm.data or dm.dataparser.data
+    parts = ["pepeseg3d priors", f"--data {shlex.quote(str(data))}"]
+    if dm.priors_dir is not None:
+        parts.append(f"--cache-dir {shlex.quote(str(dm.priors_dir))}")
+    if float(dm.camera_res_scale_factor) != 1.0:
+        parts.append(f"--camera-res-scale-factor {dm.camera_res_scale_factor}")
+    if extra:
+        parts.append(extra)
+    dp = dataparser_cli_args(dm.dataparser)
+    if dp:
+        parts.append(dp)
+    return " ".join(parts)
+
+
+@dataclass
+class Priors(PriorSourcesConfig):
+    """Compute the perception priors (SAM masks at every granularity + relative depth) of the images ns-train
+    trains on, cached in <data>/pepe_priors/; give the same dataparser subcommand and options as to ns-train."""
+
+    data: Optional[Path] = None
+    """Scene folder (as given to ns-train --data)."""
+    camera_res_scale_factor: float = 1.0
+    """As --pipeline.datamanager.camera-res-scale-factor of ns-train (images rescaled by this factor)."""
     cache_dir: Optional[Path] = None
-    """Where to write the cache; default: <data>/pepe_priors."""
-    points_per_side: int = 32
-    """SAM: prompt grid of points_per_side x points_per_side points."""
-    pred_iou_thresh: float = 0.88
-    """SAM: drop masks whose predicted IoU is below this."""
-    stability_score_thresh: float = 0.95
-    """SAM: drop masks whose stability score is below this."""
-    min_mask_region_area: int = 100
-    """SAM: remove disconnected regions and holes smaller than this many pixels (0 disables)."""
+    """Cache folder (as --pipeline.datamanager.priors-dir of ns-train); default <data>/pepe_priors."""
+    force: bool = False
+    """Recompute every image even when its entry is healthy and made with the same settings."""
+    check: bool = False
+    """Only report the cache's health for these images (missing, damaged, made with other settings); exit status
+    1 when any is not usable. Computes nothing."""
+    export_images: Optional[Path] = None
+    """Only write the training images, exactly as the model sees them, as <stem>.png into this folder (to run a
+    model of your own on them and import its output with --masks-from / --depth-from)."""
+    shard: Optional[str] = None
+    """I/N: compute only images I, I+N, I+2N, ... (run N processes, e.g. one per GPU, on one cache)."""
     progress: bool = True
     """Show a progress bar."""
     preview: bool = True
     """Also write preview.png into the cache: three views, their mask layers in colour and the depth prior."""
+    dataparser: AnnotatedDataParserUnion = field(default_factory=PepeDataParserConfig)
+    """The dataparser ns-train uses (subcommand and its options, as for ns-train)."""
 
     # ------------------------------------------------------------------
-    def use_simulated(self) -> bool:
-        """Resolve ``simulated=None`` (auto) for this dataset."""
-        from pepeseg3d_ns.priors.simulated import is_synthetic_scene
+    def datamanager_config(self):
+        """The PepeDatamanagerConfig whose training images get the priors (priors off: nothing attached)."""
+        from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
 
-        if self.simulated is not None:
-            return bool(self.simulated)
-        return self.sam_checkpoint is None and is_synthetic_scene(self.data)
-
-    def build_sources(self):
-        """``(mask_source, depth_source, simulated)``; real sources are imported lazily."""
-        if self.use_simulated():
-            from pepeseg3d_ns.priors.simulated import SimulatedDepthSource, SimulatedSamSource, is_synthetic_scene
-
-            if not is_synthetic_scene(self.data):
-                raise SystemExit(
-                    f"--simulated needs a synthetic scene made by `pepeseg3d synth` ({self.data / 'transforms.json'} "
-                    f"has no pepe_synthetic block); for real data pass --sam-checkpoint PATH instead"
-                )
-            try:
-                return (SimulatedSamSource(self.data, severity=self.severity, seed=self.seed),
-                        SimulatedDepthSource(self.data, severity=self.severity, seed=self.seed), True)
-            except (FileNotFoundError, ValueError) as err:
-                raise SystemExit(str(err)) from None
-
-        device = self.device
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        # SAM first: a missing checkpoint is the most likely problem and its message says what to download.
-        try:
-            from pepeseg3d_ns.priors.sam import SamConfig, SamMaskSource
-
-            sam_cfg = SamConfig(
-                checkpoint=self.sam_checkpoint,
-                model_type=self.sam_model_type,
-                points_per_side=self.points_per_side,
-                pred_iou_thresh=self.pred_iou_thresh,
-                stability_score_thresh=self.stability_score_thresh,
-                min_mask_region_area=self.min_mask_region_area,
-            )
-            mask_source = SamMaskSource(sam_cfg, device)
-            # Fail now (before any image) on missing weights: the signature hashes the checkpoint file.
-            mask_source.signature()
-        except (FileNotFoundError, ValueError, ImportError, OSError) as err:
-            raise SystemExit(self._weights_message(err)) from None
-        try:
-            from pepeseg3d_ns.priors.depth import DepthAnythingSource, DepthConfig
-
-            depth_source = DepthAnythingSource(DepthConfig(model=self.depth_model), device)
-            depth_source.signature()
-        except (FileNotFoundError, ValueError, ImportError, OSError) as err:
-            raise SystemExit(str(err)) from None
-        return mask_source, depth_source, False
-
-    def _weights_message(self, err: BaseException) -> str:
-        msg = str(err)
-        if self.sam_checkpoint is None and "--sam-checkpoint" not in msg:
-            msg = (f"no SAM checkpoint given: download sam_vit_h_4b8939.pth (or sam_vit_b_01ec64.pth) from "
-                   f"https://github.com/facebookresearch/segment-anything#model-checkpoints and pass "
-                   f"--sam-checkpoint PATH ({msg})")
-        return msg
+        return PepeDatamanagerConfig(data=self.data, dataparser=self.dataparser, priors="off", priors_dir=self.cache_dir,
+                                     camera_res_scale_factor=self.camera_res_scale_factor, cache_images="cpu")
 
     def main(self) -> None:
-        from pepeseg3d_ns.priors.cache import PriorCacheError, build_cache, image_paths_for
+        from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
+        from pepeseg3d_ns.priors.compute import compute_priors, datamanager_images, parse_shard
 
-        if not self.data.is_dir():
-            raise SystemExit(f"--data {self.data} is not a folder")
+        if self.data is None:
+            raise SystemExit("pepeseg3d priors: --data SCENE is required (the folder you give ns-train --data)")
+        if not Path(self.data).exists():
+            raise SystemExit(f"pepeseg3d priors: --data {self.data} does not exist")
+        if not self.camera_res_scale_factor > 0:
+            raise SystemExit(f"pepeseg3d priors: --camera-res-scale-factor {self.camera_res_scale_factor}: must be > 0")
         try:
-            image_paths = image_paths_for(self.data)
-        except (FileNotFoundError, PriorCacheError) as err:
-            raise SystemExit(str(err)) from None
-        mask_source, depth_source, simulated = self.build_sources()
+            shard = parse_shard(self.shard)
+        except ValueError as err:
+            raise SystemExit(f"pepeseg3d priors: {err}") from None
+        dm_cfg = self.datamanager_config()
         try:
-            cache = build_cache(self.data, image_paths, mask_source, depth_source, cache_dir=self.cache_dir,
-                                progress=self.progress, force=self.force)
+            dm = dm_cfg.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+            images = datamanager_images(dm, "train")
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"pepeseg3d priors: {err}") from None
+        if self.export_images is not None:
+            self._export(images)
+            return
+        cache_dir = dm.prior_cache_dir()
+        if self.check:
+            raise SystemExit(self._check(cache_dir, images))
+        try:
+            cache = PriorCache.open(cache_dir, create=True)
+            mask_source, depth_source = self.build(dm.data_dir(), flag_prefix="--")
+            stats = compute_priors(cache, images, mask_source, depth_source, force=self.force, progress=self.progress,
+                                   shard=shard)
         except (FileNotFoundError, ImportError, ValueError) as err:  # PriorCacheError is a ValueError
             raise SystemExit(f"pepeseg3d priors: {err}") from None
-        st = cache.last_build
-        if self.preview and cache.stems:
+        for problem in stats.repaired:
+            print(f"repaired: {problem}")
+        mine = images[shard[0]::shard[1]]
+        if self.preview and mine and shard == (0, 1):
             from pepeseg3d_ns.data.preview import priors_preview
 
-            stems = cache.stems
-            picks = [stems[i * (len(stems) - 1) // 2] for i in range(3)] if len(stems) >= 3 else stems
+            picks = [mine[i * (len(mine) - 1) // 2] for i in range(3)] if len(mine) >= 3 else mine
             print(f"preview: {priors_preview(cache, picks, cache.cache_dir / 'preview.png')}")
-        kind = "simulated from ground truth" if simulated else "computed"
+        n_masks = [cache.read_entry(im.key)["masks"]["n_masks"] for im in mine]
+        kind = getattr(mask_source, "kind", None) or ("simulated" if mask_source.name == "simulated" else "computed")
+        hw = f"{mine[0].hw[0]}x{mine[0].hw[1]}" if mine else "-"
         print(
-            f"priors ({kind}): {st.n_images} images, {st.computed} computed, {st.skipped} skipped "
-            f"in {st.seconds:.1f} s; {cache.mean_masks():.1f} masks/image; "
-            f"{_human_bytes(cache.size_bytes())} on disk in {cache.cache_dir}"
+            f"priors ({kind} masks, {getattr(depth_source, 'name', '?')} depth) of {stats.n_images} training images "
+            f"({hw}){'' if shard == (0, 1) else f', shard {shard[0]}/{shard[1]}'}: {stats.computed} computed, "
+            f"{stats.skipped} skipped, {len(stats.repaired)} repaired in {stats.seconds:.1f} s; "
+            f"{(sum(n_masks) / max(len(n_masks), 1)):.1f} masks/image; "
+            f"{_human_bytes(cache.size_bytes([im.key for im in mine]))} on disk in {cache.cache_dir}"
         )
+
+    def _export(self, images) -> None:
+        from PIL import Image
+
+        out = Path(self.export_images)
+        out.mkdir(parents=True, exist_ok=True)
+        for im in images:
+            Image.fromarray(im.image).save(out / f"{im.stem}.png")
+        print(f"wrote {len(images)} training images ({images[0].hw[0]}x{images[0].hw[1]}) to {out}; run your model on "
+              f"them, then import its output with `pepeseg3d priors --data {self.data} --masks-from MASKS "
+              f"[--depth-from DEPTH]` (same dataparser arguments)")
+
+    def _check(self, cache_dir: Path, images) -> int:
+        """Print the health of the entries of ``images``; 0 when all are usable, else 1."""
+        from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
+
+        try:
+            cache = PriorCache.open(cache_dir)
+        except PriorCacheError as err:
+            print(f"pepeseg3d priors --check: {err}")
+            return 1
+        ok, missing, damaged, settings = 0, [], [], {}
+        for im in images:
+            problem = cache.check_entry(im.key, deep=True)
+            if problem is None:
+                ok += 1
+                e = cache.read_entry(im.key)
+                sig = (e["masks"]["source"]["name"], e["masks"]["signature_digest"], e["depth"]["source"]["name"],
+                       e["depth"]["signature_digest"])
+                settings.setdefault(sig, []).append(im.stem)
+            elif cache.entry_path(im.key).is_file():
+                damaged.append(problem)
+            else:
+                missing.append(im.stem)
+        print(f"{cache.cache_dir}: {len(images)} training images: {ok} healthy, {len(missing)} missing, "
+              f"{len(damaged)} damaged")
+        for d in damaged[:20]:
+            print(f"  damaged: {d}")
+        if missing:
+            print(f"  missing: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        for (mn, md, dn, dd), stems in settings.items():
+            print(f"  {len(stems)} made by {mn} masks ({md}) + {dn} depth ({dd})")
+        mixed = len(settings) > 1
+        if mixed:
+            print("  the entries were made with different settings: re-run `pepeseg3d priors` with the settings you want")
+        return 0 if (ok == len(images) and not mixed) else 1

@@ -198,6 +198,24 @@ class MaskSet:
         return None
 
     # ------------------------------------------------------------------ disk
+    def to_bytes(self) -> bytes:
+        """The compressed ``.npz`` file :meth:`save` writes, as bytes."""
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            format=np.array(_FORMAT),
+            shape=np.array([self.height, self.width], np.int64),
+            bits=self.bits,
+            areas=self.areas,
+            scores=self.scores,
+            stability=self.stability,
+            bboxes=self.bboxes,
+            meta=np.array(json.dumps(self.meta)),
+        )
+        return buf.getvalue()
+
     def save(self, path: Union[str, Path]) -> Path:
         """Write a compressed ``.npz`` atomically (``<path>.tmp-<pid>`` then ``os.replace``)."""
         path = Path(path)
@@ -205,17 +223,7 @@ class MaskSet:
         tmp = atomic_tmp_path(path)
         try:
             with open(tmp, "wb") as f:
-                np.savez_compressed(
-                    f,
-                    format=np.array(_FORMAT),
-                    shape=np.array([self.height, self.width], np.int64),
-                    bits=self.bits,
-                    areas=self.areas,
-                    scores=self.scores,
-                    stability=self.stability,
-                    bboxes=self.bboxes,
-                    meta=np.array(json.dumps(self.meta)),
-                )
+                f.write(self.to_bytes())
             os.replace(tmp, path)
         finally:
             if tmp.exists():
@@ -223,17 +231,23 @@ class MaskSet:
         return path
 
     @classmethod
-    def load(cls, path: Union[str, Path], expected_shape: Optional[tuple[int, int]] = None) -> "MaskSet":
-        """Read a file written by :meth:`save`.
+    def load(cls, path: Union[str, Path, Any], expected_shape: Optional[tuple[int, int]] = None,
+             name: Optional[str] = None) -> "MaskSet":
+        """Read a file written by :meth:`save` (a path, or a binary file object such as ``io.BytesIO`` of its
+        bytes; ``name`` is then the file named in errors).
 
         Raises ``ValueError`` naming the file when it is unreadable, its arrays disagree with each other, or
         (if ``expected_shape=(H, W)`` is given) its image size differs from ``expected_shape``.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"mask file {path} does not exist")
+        if isinstance(path, (str, Path)):
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"mask file {path} does not exist")
+            source = path
+        else:
+            source, path = path, (name or "<bytes>")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(source, allow_pickle=False) as z:
                 missing = [k for k in _KEYS if k not in z.files]
                 if missing:
                     raise ValueError(f"missing arrays {missing}")

@@ -14,14 +14,14 @@ rotation invariant, so the frame does not matter for the size.
 
 Sizes become scales through the empirical CDF of all mask sizes in the scene (a quantile transform):
 ``s = F(size)``, piecewise linear between stored quantile knots. The map is monotone and depends only on the
-scene, and it is serialisable (:meth:`ScaleMap.to_dict`), so the cache and the checkpoint can store it.
+scene, and it is serialisable (:meth:`ScaleMap.to_dict`), so the pepe-contrast checkpoint stores it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +30,7 @@ from torch import Tensor
 
 
 SIZE_ESTIMATOR = "std-depth-inliers-v1"
-"""Tag of the size rule, stored in ``scales.json`` (``source["size_estimator"]``): a file measured with another
-rule (or none, before the depth-outlier step existed) is measured again by pepe-contrast."""
+"""Tag of the size rule, stored with the scales (``source["size_estimator"]``)."""
 
 
 def backproject(depth: Tensor, K: Tensor) -> Tensor:
@@ -197,121 +196,98 @@ class ScaleMap:
 
 # ----------------------------------------------------------------------------------------------- per scene
 
-SCALES_FILE = "scales.json"
-
 
 @dataclass
 class SceneScales:
-    """Mask sizes and scales of a whole scene, as stored in ``<cache>/scales.json``.
+    """Mask sizes and scales of a whole scene, measured on one frozen geometry.
 
-    ``sizes[stem]`` is ``float [M]`` (metres in the reconstruction's units, NaN where a mask had too few
-    pixels with valid depth), aligned with the masks of ``stem`` in the prior cache; ``scale_map`` maps a size
-    to ``s`` in [0, 1]; ``source`` records what produced the depth (e.g. the pepe-recon config and step).
+    ``keys[i]`` is the prior-cache key of training image ``i`` (:func:`pepeseg3d_ns.priors.cache.image_key`) and
+    ``sizes[i]`` its masks' sizes ``float64 [M_i]`` (in the reconstruction's units; NaN where a mask had too few
+    pixels with valid depth); ``scale_map`` maps a size to ``s`` in [0, 1]; ``source`` records what produced the
+    depth (the pepe-recon checkpoint and step, the size rule). A pepe-contrast run keeps its own copy in its
+    checkpoint (:meth:`to_state` / :meth:`from_state`), so two runs on one scene never share a mutable file.
     """
 
-    sizes: Dict[str, np.ndarray]
+    keys: List[str]
+    sizes: List[np.ndarray]
     scale_map: ScaleMap
     source: Dict
-    masks_digest: Dict[str, str]
 
-    def scales(self, stem: str) -> np.ndarray:
-        """``float32 [M]`` scales in [0, 1] of the masks of ``stem`` (NaN stays NaN)."""
-        return self.scale_map(torch.from_numpy(self.sizes[stem].astype(np.float64))).numpy().astype(np.float32)
+    def scales(self, i: int) -> np.ndarray:
+        """``float32 [M_i]`` scales in [0, 1] of the masks of training image ``i`` (NaN stays NaN)."""
+        return self.scale_map(torch.from_numpy(self.sizes[i].astype(np.float64))).numpy().astype(np.float32)
 
-    def to_json(self) -> Dict:
-        return {
-            "version": 1,
-            "source": self.source,
-            "scale_map": self.scale_map.to_dict(),
-            "images": {
-                s: {"sizes": [None if not np.isfinite(v) else float(v) for v in self.sizes[s]],
-                    "masks_digest": self.masks_digest.get(s)}
-                for s in sorted(self.sizes)
-            },
-        }
+    def per_image(self) -> List[np.ndarray]:
+        """:meth:`scales` of every training image, in order."""
+        return [self.scales(i) for i in range(len(self.keys))]
+
+    def to_state(self) -> Dict:
+        """Checkpoint form (lists, strings, floats and tensors only: loadable with ``torch.load(weights_only=True)``)."""
+        counts = [int(v.shape[0]) for v in self.sizes]
+        flat = np.concatenate(self.sizes) if self.sizes else np.zeros(0)
+        return {"version": 2, "keys": list(self.keys), "counts": torch.tensor(counts, dtype=torch.long),
+                "sizes": torch.from_numpy(flat.astype(np.float64)), "knots": list(self.scale_map.knots),
+                "levels": list(self.scale_map.levels), "source": _canonical(self.source)}
 
     @classmethod
-    def from_json(cls, d: Dict) -> "SceneScales":
-        images = d["images"]
-        return cls(
-            sizes={s: np.array([np.nan if v is None else v for v in e["sizes"]], dtype=np.float64) for s, e in images.items()},
-            scale_map=ScaleMap.from_dict(d["scale_map"]),
-            source=d.get("source", {}),
-            masks_digest={s: e.get("masks_digest") for s, e in images.items()},
-        )
+    def from_state(cls, state: Dict) -> "SceneScales":
+        counts = [int(c) for c in state["counts"].tolist()]
+        flat = state["sizes"].double().numpy()
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        sizes = [flat[offsets[i]:offsets[i + 1]].copy() for i in range(len(counts))]
+        return cls(list(state["keys"]), sizes, ScaleMap(list(state["knots"]), list(state["levels"])), dict(state["source"]))
+
+    def to_json(self) -> Dict:
+        """Human-readable form (sizes per key), e.g. for a report."""
+        return {"source": self.source, "scale_map": self.scale_map.to_dict(),
+                "images": {k: [None if not np.isfinite(v) else float(v) for v in sz] for k, sz in zip(self.keys, self.sizes)}}
 
 
-def compute_scene_scales(cache, stems, depth_fn, source: Optional[Dict] = None, progress: bool = True) -> SceneScales:
-    """Sizes of every mask of every view in ``stems`` and the scene's :class:`ScaleMap`.
+def _canonical(obj):
+    import json
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def compute_scene_scales(masks: Sequence, keys: Sequence[str], depth_fn, source: Optional[Dict] = None,
+                         progress: bool = True) -> SceneScales:
+    """Sizes of every mask of every training view and the scene's :class:`ScaleMap`.
 
     Args:
-        cache: the :class:`~pepeseg3d_ns.priors.cache.PriorCache` holding the masks.
-        stems: image stems (training views) to measure.
-        depth_fn: ``stem -> (depth [H, W], K [3, 3], valid [H, W] or None)``: z-depth of the reconstruction seen
-            from that view (rendered expected depth), its pinhole intrinsics, and which pixels have depth.
-            Masks are resized to the depth's resolution when they differ (nearest).
+        masks: per training view, its :class:`~pepeseg3d_ns.priors.masks.MaskSet` (at the resolution of the image
+            the model trains on).
+        keys: per training view, its prior-cache key (stored, to tell which masks the sizes belong to).
+        depth_fn: ``i -> (depth [H, W], K [3, 3], valid [H, W] or None)``: z-depth of the reconstruction seen from
+            view ``i`` (rendered expected depth), its pinhole intrinsics, and which pixels have depth. Masks are
+            resized to the depth's resolution when they differ (nearest).
         source: what produced the depth, stored with the result.
     """
     from tqdm import tqdm
 
-    sizes, digests = {}, {}
-    for stem in tqdm(list(stems), desc="mask scales", unit="view", disable=not progress):
-        depth, K, valid = depth_fn(stem)
-        masks = cache.load_masks(stem)
-        if masks.shape != tuple(depth.shape):
-            masks = masks.resized(*depth.shape)
-        dense = masks.to_torch(depth.device)
-        sizes[stem] = mask_sizes(dense, depth.double(), K.double(), valid).cpu().numpy()
-        digests[stem] = cache.entry(stem).get("masks_digest")
-    all_sizes = np.concatenate([v for v in sizes.values()]) if sizes else np.zeros(0)
+    if len(masks) != len(keys):
+        raise ValueError(f"{len(masks)} mask sets for {len(keys)} keys")
+    sizes = []
+    for i in tqdm(range(len(keys)), desc="mask scales", unit="view", disable=not progress):
+        depth, K, valid = depth_fn(i)
+        ms = masks[i]
+        if ms.shape != tuple(depth.shape):
+            ms = ms.resized(*depth.shape)
+        dense = ms.to_torch(depth.device)
+        sizes.append(mask_sizes(dense, depth.double(), K.double(), valid).cpu().numpy().astype(np.float64))
+    all_sizes = np.concatenate(sizes) if sizes else np.zeros(0)
     source = {**dict(source or {}), "size_estimator": SIZE_ESTIMATOR}
-    return SceneScales(sizes=sizes, scale_map=ScaleMap.fit(all_sizes), source=source, masks_digest=digests)
-
-
-def save_scene_scales(cache, scene_scales: SceneScales) -> Path:
-    """Write ``scales.json`` into the cache folder (atomically) and return its path."""
-    import json
-    import os
-
-    path = Path(cache.cache_dir) / SCALES_FILE
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(scene_scales.to_json()))
-    os.replace(tmp, path)
-    return path
-
-
-def load_scene_scales(cache) -> SceneScales:
-    """Read ``scales.json`` of ``cache``; a clear error when it is missing or when the cache's masks changed
-    since the scales were computed (then the sizes no longer line up with the masks)."""
-    import json
-
-    path = Path(cache.cache_dir) / SCALES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: compute mask scales from a trained pepe-recon run with\n"
-            f"  pepeseg3d scales --load-config outputs/<scene>/pepe-recon/<timestamp>/config.yml"
-        )
-    scene = SceneScales.from_json(json.loads(path.read_text()))
-    stale = [s for s, d in scene.masks_digest.items() if cache.manifest.get("images", {}).get(s, {}).get("masks_digest") != d]
-    if stale:
-        raise ValueError(
-            f"{path} was computed for other masks than the cache now holds ({len(stale)} view(s), e.g. {stale[0]}); "
-            "recompute it with `pepeseg3d scales --load-config ...`"
-        )
-    return scene
+    return SceneScales(keys=list(keys), sizes=sizes, scale_map=ScaleMap.fit(all_sizes), source=source)
 
 
 def rendered_depth_fn(pipeline, min_alpha: float = 0.5):
-    """``depth_fn`` for :func:`compute_scene_scales` from a loaded nerfstudio pipeline (a pepe-recon run):
-    renders each training view at full resolution; pixels with accumulated alpha below ``min_alpha`` are
-    invalid. Camera conventions are the model's (nerfstudio OpenGL poses, pinhole K in pixels)."""
-    dataset = pipeline.datamanager.train_dataset
-    index = {Path(p).stem: i for i, p in enumerate(dataset.image_filenames)}
-    cameras = dataset.cameras
+    """``depth_fn`` for :func:`compute_scene_scales` from a nerfstudio pipeline: renders training view ``i`` at the
+    resolution of its cached image; pixels with accumulated alpha below ``min_alpha`` are invalid. Camera
+    conventions are the model's (nerfstudio OpenGL poses, pinhole K in pixels; the datamanager has already
+    replaced the intrinsics of undistorted views by those of the undistorted image)."""
+    cameras = pipeline.datamanager.train_dataset.cameras
 
     @torch.no_grad()
-    def depth_fn(stem: str):
-        i = index[stem]
+    def depth_fn(i: int):
         cam = cameras[i : i + 1].to(pipeline.device)
         out = pipeline.model.get_outputs_for_camera(cam)
         K = cam.get_intrinsics_matrices()[0].to(pipeline.device)
