@@ -1,4 +1,5 @@
-"""Tests of the perception-prior cache: MaskSet storage, build_cache / PriorCache, simulated priors, the CLI."""
+"""Tests of the perception-prior cache: MaskSet storage, PriorCache / compute_priors (keys, damage, repair,
+concurrency, shards), simulated priors, the `pepeseg3d priors` CLI (check, export, import)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,8 @@ import pytest
 from PIL import Image
 
 from pepeseg3d_ns.data.synthetic import LEVELS, SynthConfig, generate_scene, load_gt_depth, load_gt_masks
-from pepeseg3d_ns.priors.cache import (
-    DEPTH_CONVENTION,
-    PriorCache,
-    PriorCacheError,
-    build_cache,
-    image_paths_for,
-)
+from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError, load_image_rgb
+from pepeseg3d_ns.priors.compute import PriorImage, compute_priors
 from pepeseg3d_ns.priors.cli import Priors
 from pepeseg3d_ns.priors.masks import MaskSet
 from pepeseg3d_ns.priors.simulated import SimulatedDepthSource, SimulatedSamSource
@@ -164,135 +160,92 @@ def test_maskset_empty_and_bad_files(tmp_path):
 # ------------------------------------------------------------------------------------------------ cache
 
 
-def test_image_paths_for(scene, tmp_path):
-    paths = image_paths_for(scene)
-    assert len(paths) == N_VIEWS and paths == sorted(paths) and all(p.is_file() for p in paths)
-    with pytest.raises(FileNotFoundError, match="transforms.json"):
-        image_paths_for(tmp_path / "nowhere")
+def _images(scene: Path) -> list:
+    return [PriorImage(p.stem, load_image_rgb(p), f"images/{p.name}") for p in sorted((scene / "images").glob("*.png"))]
 
 
-def test_build_cache_simulated_and_skip(scene):
-    paths = image_paths_for(scene)
-    ms, ds = (Counting(s) for s in _sim(scene))
-    cache = build_cache(scene, paths, ms, ds, progress=False)
-    root = scene / "pepe_priors"
-    assert cache.cache_dir == root and cache.last_build.computed == N_VIEWS
-    man = json.loads((root / "manifest.json").read_text())
-    assert man["version"] == 1 and man["kind"] == "simulated"
-    assert man["mask_source"]["name"] == "simulated" and man["mask_source"]["signature"]["simulated"] is True
-    assert man["depth_source"]["signature"]["class"] == "SimulatedDepthSource"
-    assert man["depth_convention"] == DEPTH_CONVENTION
-    assert sorted(man["images"]) == [p.stem for p in paths]
-    e = man["images"]["frame_00000"]
-    assert e["file"] == "images/frame_00000.png" and (e["height"], e["width"]) == (RES, RES)
-    assert (root / e["masks"]).is_file() and (root / e["depth"]).is_file()
-    assert np.load(root / e["depth"]).dtype == np.float16
-    opened = PriorCache.open(scene)
-    assert opened.has("frame_00000") and not opened.has("frame_99999")
-    m = opened.load_masks("frame_00000")
-    assert m.shape == (RES, RES) and len(m) == e["n_masks"] > 0 and "labels" in m.meta
-    d = opened.load_depth("frame_00000")
-    assert d.dtype == np.float32 and d.shape == (RES, RES) and np.isfinite(d).all()
-    opened.validate(paths)
-    assert not list(root.rglob("*.tmp*"))
-
-    # second run: nothing computed
-    ms2, ds2 = (Counting(s) for s in _sim(scene))
-    c2 = build_cache(scene, paths, ms2, ds2, progress=False)
-    assert ms2.calls == [] and ds2.calls == [] and c2.last_build.skipped == N_VIEWS
-
-    # keys added by later stages survive a rebuild
-    man = json.loads((root / "manifest.json").read_text())
-    man["scales"] = {"frame_00000": [0.5]}
-    (root / "manifest.json").write_text(json.dumps(man))
-    # changing the severity recomputes both sources for every image (one log line each)
-    ms3, ds3 = (Counting(s) for s in _sim(scene, severity=0.5))
-    build_cache(scene, paths, ms3, ds3, progress=False)
-    assert len(ms3.calls) == N_VIEWS and len(ds3.calls) == N_VIEWS
-    man = json.loads((root / "manifest.json").read_text())
-    assert man["scales"] == {"frame_00000": [0.5]} and man["mask_source"]["signature"]["severity"] == 0.5
-
-    # a mask-source-only change keeps the depth
-    ms4 = Counting(FakeMasks())
-    ds4 = Counting(SimulatedDepthSource(scene, 0.5, 0))
-    build_cache(scene, paths, ms4, ds4, progress=False)
-    assert len(ms4.calls) == N_VIEWS and ds4.calls == []
-    assert PriorCache.open(scene).kind == "simulated"
+def _cache(scene: Path) -> PriorCache:
+    return PriorCache.open(scene / "pepe_priors", create=True)
 
 
-def test_changed_image_and_force(scene, caplog):
-    paths = image_paths_for(scene)
-    build_cache(scene, paths, FakeMasks(), FakeDepth(), progress=False)
-    cache = PriorCache.open(scene)
-    assert cache.kind == "computed"
-    # modify one image's bytes
-    target = paths[3]
-    img = np.array(Image.open(target))
-    img[0, 0] = 255 - img[0, 0]
-    Image.fromarray(img).save(target)
-    with pytest.raises(PriorCacheError) as exc:
-        cache.validate(paths)
-    msg = str(exc.value)
-    assert "changed since the cache was built" in msg and target.as_posix() in msg
-    assert f"pepeseg3d priors --data {scene}" in msg
-    for p in paths:
-        if p != target:
-            assert p.as_posix() not in msg
-    ms, ds = Counting(FakeMasks()), Counting(FakeDepth())
-    build_cache(scene, paths, ms, ds, progress=False)
-    assert ms.calls == [target.stem] and ds.calls == [target.stem]
-    PriorCache.open(scene).validate(paths)
-    # a missing image is reported as missing
-    extra = scene / "images" / "frame_00042.png"
-    shutil.copy(paths[0], extra)
-    with pytest.raises(PriorCacheError, match="missing from the cache.*frame_00042"):
-        PriorCache.open(scene).validate(paths + [extra])
-    # force recomputes all
-    ms, ds = Counting(FakeMasks()), Counting(FakeDepth())
-    build_cache(scene, paths, ms, ds, progress=False, force=True)
-    assert len(ms.calls) == N_VIEWS and len(ds.calls) == N_VIEWS
-    # signature change: one log line
-    with caplog.at_level(logging.WARNING, logger="pepeseg3d_ns.priors.cache"):
-        build_cache(scene, paths, FakeMasks(), Counting(SimulatedDepthSource(scene, 1.0, 0)), progress=False)
-    lines = [r.getMessage() for r in caplog.records if "recomputing" in r.getMessage()]
-    assert len(lines) == 1 and "depth source changed" in lines[0]
+def test_entries_keyed_by_pixels_and_skipped_when_healthy(scene):
+    images = _images(scene)
+    cache = _cache(scene)
+    masks, depth = Counting(FakeMasks()), Counting(FakeDepth())
+    st = compute_priors(cache, images, masks, depth, progress=False)
+    assert (st.computed, st.skipped, st.repaired) == (N_VIEWS, 0, [])
+    assert sorted(cache.keys()) == sorted(im.key for im in images)
+    pri = cache.load(images[1].key)
+    assert pri.masks.shape == (RES, RES) and len(pri.masks) == 3 and pri.depth.dtype == np.float32
+    np.testing.assert_allclose(pri.depth, FakeDepth()(images[1].image, "x"), rtol=1e-3)
+    e = pri.entry
+    assert e["stem"] == images[1].stem and e["masks"]["kind"] == "computed" and e["source_file"].startswith("images/")
+    st = compute_priors(cache, images, masks, depth, progress=False)
+    assert (st.computed, st.skipped) == (0, N_VIEWS) and len(masks.calls) == N_VIEWS
+    # the same stem with other pixels (a changed photo, another undistortion or downscale) is another key
+    other = PriorImage(images[0].stem, 255 - images[0].image)
+    assert other.key != images[0].key and other.key.startswith(images[0].stem + "-")
+    compute_priors(cache, [other], masks, depth, progress=False)
+    assert len(masks.calls) == N_VIEWS + 1 and cache.check_entry(images[0].key) is None
+
+
+def test_changed_source_recomputes_only_that_prior(scene):
+    images = _images(scene)
+    cache = _cache(scene)
+    compute_priors(cache, images, FakeMasks(), FakeDepth(), progress=False)
+
+    class OtherDepth(FakeDepth):
+        def signature(self):
+            return {"fake": 2}
+
+    masks = Counting(FakeMasks())
+    st = compute_priors(cache, images, masks, OtherDepth(), progress=False)
+    assert st.computed == N_VIEWS and st.depth_computed == N_VIEWS and st.masks_computed == 0 and masks.calls == []
+    assert all(cache.read_entry(im.key)["depth"]["source"]["signature"] == {"fake": 2} for im in images)
+    st = compute_priors(cache, images, FakeMasks(), OtherDepth(), force=True, progress=False)
+    assert st.masks_computed == N_VIEWS
+
+
+def _damage(cache: PriorCache, keys: list) -> None:
+    """Four kinds of damage on four entries: truncated masks, truncated depth, a bad field, a wrong JSON shape."""
+    m = cache.cache_dir / "masks" / f"{keys[0]}.npz"
+    m.write_bytes(m.read_bytes()[:40])
+    d = cache.cache_dir / "depth" / f"{keys[1]}.npy"
+    d.write_bytes(d.read_bytes()[:100])
+    e = json.loads(cache.entry_path(keys[2]).read_text())
+    e["height"] = "48"
+    cache.entry_path(keys[2]).write_text(json.dumps(e))
+    cache.entry_path(keys[3]).write_text(json.dumps([1, 2, 3]))
+
+
+def test_damaged_entries_are_named_and_repaired_by_one_rerun(scene):
+    images = _images(scene)
+    cache = _cache(scene)
+    compute_priors(cache, images, FakeMasks(), FakeDepth(), progress=False)
+    keys = [im.key for im in images]
+    _damage(cache, keys)
+    problems = [cache.check_entry(k) for k in keys]
+    assert "masks/" in problems[0] and "does not match its entry" in problems[0]
+    assert "depth/" in problems[1]
+    assert "'height'" in problems[2] and keys[2] in problems[2]
+    assert "expected a JSON object" in problems[3]
+    assert all(p is None for p in problems[4:])
+    with pytest.raises(PriorCacheError, match="re-run `pepeseg3d priors`"):
+        cache.load(keys[0])
+    st = compute_priors(cache, images, FakeMasks(), FakeDepth(), progress=False)
+    assert st.computed == 4 and st.skipped == N_VIEWS - 4 and len(st.repaired) == 4
+    assert all(cache.check_entry(k) is None for k in keys)
 
 
 def test_crash_midway_resumes(scene):
-    paths = image_paths_for(scene)
-    ms = Counting(SimulatedSamSource(scene), fail_on_call=3)
+    images = _images(scene)
+    cache = _cache(scene)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_cache(scene, paths, ms, SimulatedDepthSource(scene), progress=False)
-    root = scene / "pepe_priors"
-    man = json.loads((root / "manifest.json").read_text())
-    assert sorted(man["images"]) == [p.stem for p in paths[:2]]
-    assert not list(root.rglob("*.tmp*"))
-    with pytest.raises(PriorCacheError, match="missing from the cache"):
-        PriorCache.open(scene).validate(paths)
-    ms2, ds2 = Counting(SimulatedSamSource(scene)), Counting(SimulatedDepthSource(scene))
-    build_cache(scene, paths, ms2, ds2, progress=False)
-    assert ms2.calls == [p.stem for p in paths[2:]] and ds2.calls == [p.stem for p in paths[2:]]
-    PriorCache.open(scene).validate(paths)
-
-
-def test_wrong_size_files_are_named(scene):
-    paths = image_paths_for(scene)
-    cache = build_cache(scene, paths, FakeMasks(), FakeDepth(), progress=False)
-    stem = paths[1].stem
-    bad_masks = cache.cache_dir / "masks" / f"{stem}.npz"
-    MaskSet.from_dense(np.ones((2, RES // 2, RES // 2), bool)).save(bad_masks)
-    with pytest.raises(ValueError, match=f"{stem}.npz.*{RES // 2}x{RES // 2}"):
-        cache.load_masks(stem)
-    with pytest.raises(PriorCacheError, match=f"{stem}.npz"):
-        cache.validate(paths)
-    bad_depth = cache.cache_dir / "depth" / f"{paths[2].stem}.npy"
-    np.save(bad_depth, np.zeros((RES, RES + 1), np.float16))
-    with pytest.raises(PriorCacheError, match=f"{paths[2].stem}.npy"):
-        cache.load_depth(paths[2].stem)
-    with pytest.raises(PriorCacheError, match="not in the prior cache"):
-        cache.load_masks("frame_99999")
-    with pytest.raises(PriorCacheError, match="pepeseg3d priors --data"):
-        PriorCache.open(scene / "images")
+        compute_priors(cache, images, Counting(FakeMasks(), fail_on_call=4), FakeDepth(), progress=False)
+    assert len(cache.keys()) == 3 and not list(cache.cache_dir.rglob("*.tmp-*"))
+    masks = Counting(FakeMasks())
+    st = compute_priors(cache, images, masks, FakeDepth(), progress=False)
+    assert st.skipped == 3 and st.computed == N_VIEWS - 3 and len(masks.calls) == N_VIEWS - 3
 
 
 def test_source_with_wrong_output_shape(scene):
@@ -300,8 +253,104 @@ def test_source_with_wrong_output_shape(scene):
         def __call__(self, image, stem):
             return {"masks": np.zeros((1, 3, 3), bool), "scores": np.ones(1), "stability": np.ones(1)}
 
-    with pytest.raises(PriorCacheError, match="expected \\[M, 48, 48\\]"):
-        build_cache(scene, image_paths_for(scene), Bad(), FakeDepth(), progress=False)
+    with pytest.raises(PriorCacheError, match=r"expected \[M, 48, 48\]"):
+        compute_priors(_cache(scene), _images(scene), Bad(), FakeDepth(), progress=False)
+
+
+def test_older_cache_layout_is_a_clear_error(tmp_path):
+    old = tmp_path / "pepe_priors"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"version": 1, "images": [1, 2, 3]}))
+    with pytest.raises(PriorCacheError, match="older pepeseg3d.*re-run `pepeseg3d priors`"):
+        PriorCache.open(old)
+    assert PriorCache.open(old, create=True).keys() == []  # a run rebuilds it in place
+    (old / "cache.json").write_text("[1, 2]")
+    with pytest.raises(PriorCacheError, match="cache.json"):
+        PriorCache.open(old)
+
+
+_WRITER = """
+import sys, numpy as np
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_priors_cache import FakeDepth, FakeMasks, _images
+from pepeseg3d_ns.priors.cache import PriorCache
+from pepeseg3d_ns.priors.compute import compute_priors, parse_shard
+
+class Masks(FakeMasks):
+    def __init__(self, setting):
+        self.setting = setting
+    def signature(self):
+        return {{"setting": self.setting}}
+    def __call__(self, image, stem):
+        out = super().__call__(image, stem)
+        n = 3 + self.setting
+        out["masks"] = np.concatenate([out["masks"]] * 2)[:n]
+        out["scores"] = np.ones(n, np.float32); out["stability"] = np.ones(n, np.float32)
+        return out
+
+scene, setting = Path(sys.argv[1]), int(sys.argv[2])
+shard = parse_shard(None if sys.argv[3] == "None" else sys.argv[3])
+cache = PriorCache.open(scene / "pepe_priors", create=True)
+compute_priors(cache, _images(scene), Masks(setting), FakeDepth(), progress=False, shard=shard)
+"""
+
+
+def _run_writers(scene: Path, args: list) -> None:
+    import subprocess
+    import sys
+
+    script = _WRITER.format(tests=str(Path(__file__).parent))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(scene), *map(str, a)], stderr=subprocess.PIPE)
+             for a in args]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+
+
+def test_two_shards_at_once_fill_one_cache(scene):
+    _run_writers(scene, [(0, "0/2"), (0, "1/2")])
+    cache = PriorCache.open(scene / "pepe_priors")
+    images = _images(scene)
+    assert all(cache.check_entry(im.key) is None for im in images)
+    assert {cache.read_entry(im.key)["masks"]["n_masks"] for im in images} == {3}
+
+
+def test_concurrent_runs_with_different_settings_never_leave_a_mixed_cache_that_validates(scene):
+    """Two jobs with different mask settings on one cache, three times: every entry stays internally consistent
+    (its files are the ones it names: the per-entry lock), and a cache whose entries come from both settings is
+    refused by the datamanager's check."""
+    from pepeseg3d_ns.data.datamanager import PepeDatamanager
+
+    images = _images(scene)
+    for trial in range(3):
+        _run_writers(scene, [(0, None), (1, None)])
+        cache = PriorCache.open(scene / "pepe_priors")
+        entries = []
+        for im in images:
+            assert cache.check_entry(im.key) is None
+            e = cache.read_entry(im.key)
+            setting = e["masks"]["source"]["signature"]["setting"]
+            assert len(cache.load(im.key).masks) == e["masks"]["n_masks"] == 3 + setting
+            entries.append(e)
+        settings = {e["masks"]["source"]["signature"]["setting"] for e in entries}
+        if len(settings) > 1:
+            with pytest.raises(PriorCacheError, match="different settings"):
+                PepeDatamanager._check_one_setting(cache, entries)
+        else:
+            PepeDatamanager._check_one_setting(cache, entries)
+
+
+def test_a_file_changed_behind_an_entry_is_detected(scene):
+    """What the lock prevents, detected anyway: another writer replaced the mask file but not the entry."""
+    images = _images(scene)
+    cache = _cache(scene)
+    compute_priors(cache, images, FakeMasks(), FakeDepth(), progress=False)
+    other = MaskSet.from_dense(np.ones((2, RES, RES), bool))
+    other.save(cache.cache_dir / "masks" / f"{images[0].key}.npz")
+    assert "does not match its entry" in cache.check_entry(images[0].key)
+    with pytest.raises(PriorCacheError, match="does not match its entry"):
+        cache.load(images[0].key)
 
 
 # ------------------------------------------------------------------------------------------------ simulated priors
@@ -396,12 +445,31 @@ def test_simulated_depth(scene_src):
 def test_cli_simulated_auto(scene, capsys):
     Priors(data=scene, progress=False).main()
     out = capsys.readouterr().out
-    assert "simulated" in out and f"{N_VIEWS} computed" in out and "masks/image" in out
-    cache = PriorCache.open(scene)
-    assert cache.kind == "simulated" and len(cache.stems) == N_VIEWS
-    cache.validate(image_paths_for(scene))
+    n_train = len(list((scene / "pepe_priors" / "entries").glob("*.json")))
+    assert "simulated masks" in out and f"{n_train} computed" in out and "masks/image" in out and n_train >= N_VIEWS - 1
     Priors(data=scene, progress=False).main()
-    assert f"0 computed, {N_VIEWS} skipped" in capsys.readouterr().out
+    assert f"0 computed, {n_train} skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        Priors(data=scene, check=True).main()
+    assert exc.value.code == 0 and f"{n_train} healthy" in capsys.readouterr().out
+
+
+def test_cli_check_reports_damage_and_a_rerun_repairs_it(scene, capsys):
+    Priors(data=scene, progress=False, preview=False).main()
+    cache = PriorCache.open(scene / "pepe_priors")
+    keys = cache.keys()
+    _damage(cache, keys)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        Priors(data=scene, check=True).main()
+    out = capsys.readouterr().out
+    assert exc.value.code == 1 and "4 damaged" in out and keys[0] in out
+    Priors(data=scene, progress=False, preview=False).main()
+    out = capsys.readouterr().out
+    assert "4 repaired" in out and out.count("repaired: ") == 4
+    with pytest.raises(SystemExit) as exc:
+        Priors(data=scene, check=True).main()
+    assert exc.value.code == 0
 
 
 def test_cli_real_without_checkpoint(scene):
@@ -412,7 +480,7 @@ def test_cli_real_without_checkpoint(scene):
     with pytest.raises(SystemExit) as exc:
         Priors(data=scene, device="cpu", progress=False).main()
     assert "--sam-checkpoint" in str(exc.value.code)
-    assert not (scene / "pepe_priors" / "manifest.json").exists()
+    assert not list((scene / "pepe_priors" / "entries").glob("*.json"))
     with pytest.raises(SystemExit, match="pepe_synthetic"):
         Priors(data=scene, simulated=True, progress=False).main()
 
@@ -428,12 +496,59 @@ def test_cli_real_sources_with_tiny_models(scene, tmp_path):
     kw = dict(sam_checkpoint=ckpt, depth_model=str(da), device="cpu", points_per_side=4, pred_iou_thresh=0.0,
               stability_score_thresh=0.0, min_mask_region_area=0, progress=False)
     Priors(data=scene, **kw).main()  # a synthetic scene, but a checkpoint was given: real sources
-    cache = PriorCache.open(scene)
-    assert cache.kind == "computed" and cache.manifest["mask_source"]["name"] == "sam"
-    assert cache.manifest["depth_source"]["name"] == "depth-anything-v2"
-    paths = image_paths_for(scene)
-    cache.validate(paths)
-    assert cache.load_masks(paths[0].stem).shape == (RES, RES)
-    assert cache.load_depth(paths[0].stem).shape == (RES, RES)
+    cache = PriorCache.open(scene / "pepe_priors")
+    e = cache.read_entry(cache.keys()[0])
+    assert e["masks"]["kind"] == "computed" and e["masks"]["source"]["name"] == "sam"
+    assert e["depth"]["source"]["name"] == "depth-anything-v2"
+    pri = cache.load(cache.keys()[0])
+    assert pri.masks.shape == (RES, RES) and pri.depth.shape == (RES, RES)
     with pytest.raises(SystemExit, match="not found"):
         Priors(data=scene, **{**kw, "sam_checkpoint": tmp_path / "nope.pth"}).main()
+
+
+def test_export_images_then_import_own_priors(scene, tmp_path, capsys):
+    """Bring your own priors: export the training images, make masks (instance-id PNGs) and depth (.npy) for
+    them elsewhere, import; entries are labelled imported and hold exactly those masks."""
+    exported = tmp_path / "exported"
+    Priors(data=scene, export_images=exported).main()
+    files = sorted(exported.glob("*.png"))
+    assert files and np.asarray(Image.open(files[0])).shape == (RES, RES, 3)
+    masks_dir, depth_dir = tmp_path / "my_masks", tmp_path / "my_depth"
+    masks_dir.mkdir()
+    depth_dir.mkdir()
+    for f in files:
+        ids = load_gt_masks(scene, f.stem, "objects").astype(np.uint16)
+        Image.fromarray(ids).save(masks_dir / f.name)
+        np.save(depth_dir / f"{f.stem}.npy", load_gt_depth(scene, f.stem).astype(np.float32))
+    Priors(data=scene, masks_from=masks_dir, depth_from=depth_dir, depth_from_kind="depth", progress=False).main()
+    assert "imported masks" in capsys.readouterr().out
+    cache = PriorCache.open(scene / "pepe_priors")
+    for key in cache.keys():
+        pri = cache.load(key)
+        assert pri.entry["masks"]["kind"] == pri.entry["depth"]["kind"] == "imported"
+        ids = load_gt_masks(scene, pri.entry["stem"], "objects")
+        want = np.stack([ids == v for v in np.unique(ids) if v != 0])
+        assert np.array_equal(pri.masks.to_dense(), want)
+        np.testing.assert_allclose(pri.depth, 1.0 / load_gt_depth(scene, pri.entry["stem"]), rtol=2e-3)
+    # a mask file of another size names the expected size and the export command
+    big = np.zeros((RES * 2, RES * 2), np.uint8)
+    Image.fromarray(big).save(masks_dir / files[0].name)
+    with pytest.raises(SystemExit, match=f"is {2 * RES}x{2 * RES}.*{RES}x{RES}.*--export-images"):
+        Priors(data=scene, masks_from=masks_dir, depth_from=depth_dir, progress=False).main()
+
+
+def test_priors_command_names_the_dataparser_arguments():
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+    from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
+    from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
+    from pepeseg3d_ns.priors.cli import priors_command
+
+    cfg = PepeDatamanagerConfig(data=Path("P"), dataparser=PepeDataParserConfig())
+    assert priors_command(cfg) == "pepeseg3d priors --data P"
+    cfg = PepeDatamanagerConfig(data=Path("P"), dataparser=PepeDataParserConfig(downscale_factor=2),
+                                camera_res_scale_factor=0.5)
+    assert priors_command(cfg, "--sam-checkpoint S") == ("pepeseg3d priors --data P --camera-res-scale-factor 0.5 "
+                                                         "--sam-checkpoint S nerfstudio-data --downscale-factor 2")
+    cfg = PepeDatamanagerConfig(data=Path("P"), dataparser=ColmapDataParserConfig(downscale_factor=4))
+    assert priors_command(cfg).endswith("colmap --downscale-factor 4")

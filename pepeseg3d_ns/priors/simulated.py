@@ -65,6 +65,17 @@ def smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int =
     return (g00 * (1 - fy) * (1 - fx) + g01 * (1 - fy) * fx + g10 * fy * (1 - fx) + g11 * fy * fx)
 
 
+def resample_nearest(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``arr [H0, W0]`` sampled at the pixel centres of an ``height x width`` grid (nearest): the ground truth of
+    a view at the size of the image the model trains on (e.g. with --camera-res-scale-factor)."""
+    h0, w0 = arr.shape[:2]
+    if (h0, w0) == (height, width):
+        return arr
+    rows = np.minimum(((np.arange(height) + 0.5) * h0 / height).astype(np.int64), h0 - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w0 / width).astype(np.int64), w0 - 1)
+    return arr[rows][:, cols]
+
+
 def _shift_stack(m: np.ndarray, fill: bool) -> np.ndarray:
     """[9, H, W] the 3x3 neighbourhood of every pixel (border padded with ``fill``)."""
     h, w = m.shape
@@ -145,7 +156,7 @@ class SimulatedSamSource:
         if cams is None or stem not in cams["poses"]:
             return [("background", bg)]
         fx, fy, cx, cy, h0, w0 = cams["K"]
-        z = load_gt_depth(self.scene_dir, stem).astype(np.float64)
+        z = resample_nearest(load_gt_depth(self.scene_dir, stem).astype(np.float64), *bg.shape)
         h, w = z.shape
         if (h, w) != (h0, w0):
             sx, sy = w / w0, h / h0
@@ -163,12 +174,9 @@ class SimulatedSamSource:
     def __call__(self, image: np.ndarray, stem: str) -> dict:
         stem = Path(stem).stem
         maps = {lvl: load_gt_masks(self.scene_dir, stem, lvl) for lvl in LEVELS}
+        if image is not None:  # the image the model trains on may be rescaled: simulate at its size
+            maps = {lvl: resample_nearest(m, *image.shape[:2]) for lvl, m in maps.items()}
         h, w = maps["parts"].shape
-        if image is not None and tuple(image.shape[:2]) != (h, w):
-            raise ValueError(
-                f"simulated masks: image {stem} is {image.shape[0]}x{image.shape[1]} but its GT maps in "
-                f"{self.scene_dir / 'gt'} are {h}x{w}; compute priors on the full-resolution images/"
-            )
         s = self.severity
         rng = stem_rng(self.seed, stem, 0)
 
@@ -371,11 +379,9 @@ class SimulatedDepthSource:
     def __call__(self, image: np.ndarray, stem: str) -> np.ndarray:
         stem = Path(stem).stem
         z = load_gt_depth(self.scene_dir, stem).astype(np.float64)
+        if image is not None:
+            z = resample_nearest(z, *image.shape[:2])
         h, w = z.shape
-        if image is not None and tuple(image.shape[:2]) != (h, w):
-            raise ValueError(
-                f"simulated depth: image {stem} is {image.shape[0]}x{image.shape[1]} but its GT depth is {h}x{w}"
-            )
         inv = 1.0 / np.maximum(z, 1e-6)
         if self.severity <= 0:
             return inv.astype(np.float32)
