@@ -71,7 +71,7 @@ def run_decompose(load_config: Path, scales: Sequence[float] = (0.1, 0.5, 0.9), 
     """Load a pepe-contrast run, decompose up to ``max_views`` evenly spaced views of ``split`` at each scale and
     write ``<output_dir>/s<scale>/<image>.png`` plus ``contact_sheet.png`` (rows: views; columns: RGB, then one
     decomposition per scale in the order given). Returns a summary with cluster counts per scale."""
-    from nerfstudio.utils.eval_utils import eval_setup
+    from pepeseg3d_ns.trainer import load_run
     from tqdm import tqdm
 
     from pepeseg3d_ns.contrast.query import render_view
@@ -80,7 +80,8 @@ def run_decompose(load_config: Path, scales: Sequence[float] = (0.1, 0.5, 0.9), 
     for s in scales:
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"scales must be in [0, 1], got {s}")
-    _, pipeline, _, _ = eval_setup(Path(load_config), test_mode="test" if split == "eval" else "inference")
+    _, pipeline, _, _ = load_run(Path(load_config), test_mode="test")
+    _ = pipeline.datamanager.cached_train if split == "train" else pipeline.datamanager.cached_eval  # undistorted views
     model = pipeline.model
     if not hasattr(model, "gaussian_features"):
         raise ValueError(f"{load_config} is not a pepe-contrast run")

@@ -68,6 +68,7 @@ def make_contrast_config(recon_config: Path, output_dir: Path, steps: int, devic
 
     from pepeseg3d_ns.methods import pepe_contrast
     from pepeseg3d_ns.schedule import scale_schedule
+    from pepeseg3d_ns.trainer import inherit_image_settings
 
     recon = yaml.load(Path(recon_config).read_text(), Loader=yaml.Loader)
     data = Path(recon.pipeline.datamanager.data or recon.data)
@@ -75,6 +76,7 @@ def make_contrast_config(recon_config: Path, output_dir: Path, steps: int, devic
     config.pipeline.model.recon_checkpoint = Path(recon_config)
     config.data = data
     config.pipeline.datamanager.data = data
+    inherit_image_settings(config.pipeline.datamanager, recon.pipeline.datamanager)
     config.output_dir = output_dir
     config.experiment_name = data.name
     config.timestamp = timestamp
@@ -160,7 +162,7 @@ def run_demo(
 
     Writes ``<output_dir>/demo_comparison.png`` (GT | render | depth), ``<output_dir>/decomposition/`` (HDBSCAN
     clusters at three scales, contact sheet), ``<output_dir>/demo_report.json`` and the scene's ``pepe_priors/``
-    (``preview.png``, ``scales.json``); returns the report.
+    (``preview.png``); returns the report.
     """
     from nerfstudio.scripts.train import train_loop
 
@@ -196,7 +198,7 @@ def run_demo(
         f"training took {t_train:.0f} s.\nPicture (GT | render | depth): {output_dir / 'demo_comparison.png'}"
     )
     if contrast_steps > 0:
-        # stage 2 measures the mask scales on the frozen geometry itself (pepe_priors/scales.json)
+        # stage 2 measures the mask scales on the frozen geometry itself and keeps them in its checkpoint
         from pepeseg3d_ns.decompose import run_decompose
         from pepeseg3d_ns.eval.propagation import format_summary
 

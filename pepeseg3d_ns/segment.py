@@ -51,14 +51,15 @@ def run_segment(load_config: Path, clicks: Sequence[Tuple[float, float]], view: 
     ``selection.ply`` / ``selection_indices.npy`` / ``selection.json`` (3D), ``masks/<image>.png`` for every
     training view (or only ``view`` when ``all_views`` is False) and ``overlay.png`` of the clicked view.
     Returns a summary dict (counts and paths)."""
-    from nerfstudio.utils.eval_utils import eval_setup
+    from pepeseg3d_ns.trainer import load_run
     from PIL import Image
 
     from pepeseg3d_ns.contrast.query import query_from_pixels, render_view, segment_view, select_gaussians
     from pepeseg3d_ns.export import save_masks, save_selection
 
-    _, pipeline, _, _ = eval_setup(Path(load_config), test_mode="inference")
+    _, pipeline, _, _ = load_run(Path(load_config), test_mode="test")
     model = pipeline.model
+    _ = pipeline.datamanager.cached_train  # the training views as trained on: undistorted and cropped intrinsics
     if not hasattr(model, "gaussian_features"):
         raise ValueError(f"{load_config} is not a pepe-contrast run (its model has no Gaussian features)")
     pipeline.eval()

@@ -21,6 +21,18 @@ class PepeTrainerConfig(TrainerConfig):
     learning-rate decay) to --max-num-iterations; fields you set yourself are kept. False: splatfacto's 30k-step
     numbers as they are."""
 
+    def get_checkpoint_dir(self) -> Path:
+        """The run's ``nerfstudio_models/``. A run folder that was moved or copied (its config.yml names the old
+        place) is found beside the config.yml being loaded: the one :func:`load_run` was given, or the
+        ``--load-config`` of ns-viewer / ns-eval / ns-render."""
+        default = super().get_checkpoint_dir()
+        if default.is_dir():
+            return default
+        for cfg in (_LOADING.get("config"), _load_config_arg()):
+            if cfg is not None and (Path(cfg).parent / self.relative_model_dir).is_dir():
+                return Path(cfg).parent / self.relative_model_dir
+        return default
+
     def __post_init__(self) -> None:
         # ns-train pepe-contrast without --data: the scene of the pepe-recon run (before the output folder, which
         # is named after the scene, is decided)
@@ -53,6 +65,34 @@ class PepeTrainer(Trainer):
         super().setup(test_mode=test_mode)
 
 
+_LOADING: dict = {}
+
+
+def _load_config_arg():
+    """The value of ``--load-config`` on this process's command line, if any."""
+    import sys
+
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == "--load-config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--load-config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def load_run(config_path: Path, test_mode: str = "test"):
+    """``(config, pipeline, checkpoint_path, step)`` of a trained run, as nerfstudio's ``eval_setup``, also when the
+    run folder was moved or copied (the checkpoint is looked for beside ``config_path``)."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    _LOADING["config"] = Path(config_path)
+    try:
+        return eval_setup(Path(config_path), test_mode=test_mode)
+    finally:
+        _LOADING.pop("config", None)
+
+
 def data_from_recon_run(config) -> bool:
     """pepe-contrast without --data: set ``config.data`` (and the datamanager's) to the scene the pepe-recon run
     named by ``--pipeline.model.recon-checkpoint`` was trained on. Returns whether it changed anything (no-op for
@@ -70,8 +110,29 @@ def data_from_recon_run(config) -> bool:
         return False
     recon = yaml.load(cfg_path.read_text(), Loader=yaml.Loader)
     data = recon.pipeline.datamanager.data or recon.data
-    if data is not None:
-        CONSOLE.log(f"--data not given: using the pepe-recon run's scene {data}")
-        dm.data = config.data = Path(data)
-        return True
-    return False
+    if data is None:
+        return False
+    CONSOLE.log(f"--data not given: using the pepe-recon run's scene {data} and its image settings")
+    dm.data = config.data = Path(data)
+    inherit_image_settings(dm, recon.pipeline.datamanager)
+    return True
+
+
+def inherit_image_settings(dm, recon_dm) -> None:
+    """Give the pepe-contrast datamanager ``dm`` the pepe-recon run's dataparser (type and options: the same images,
+    hence the same priors) and image settings, where ``dm`` still has the method's defaults."""
+    import copy
+    import dataclasses
+
+    from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
+
+    rdp = getattr(recon_dm, "dataparser", None)
+    if rdp is not None and dm.dataparser == PepeDataParserConfig(load_3D_points=False):
+        dp = copy.deepcopy(rdp)
+        if any(f.name == "load_3D_points" for f in dataclasses.fields(dp)):
+            dp.load_3D_points = False  # the geometry comes from the recon checkpoint
+        dm.dataparser = dp
+    for name in ("camera_res_scale_factor", "priors_dir"):
+        default = getattr(type(dm)(), name)
+        if getattr(dm, name) == default and hasattr(recon_dm, name):
+            setattr(dm, name, getattr(recon_dm, name))

@@ -21,7 +21,7 @@ the viewer's process group whatever happens inside, and prints the viewer's log 
 
 Missing pieces (no Chromium, no ``playwright``) are reported by :func:`browser_missing_reason`;
 :func:`require_browser` turns that into a pytest failure when ``CI`` is set and a skip otherwise.
-``bash scripts/install_browser.sh`` installs both.
+``bash scripts/install_system_deps.sh`` installs both.
 
 :func:`attach_click_probe` (used with ``ViewerServer(click_probe=True)``) adds test-only GUI to the loaded model:
 a "Listen for click" button that registers a viewer click callback, and a "Last click" text field the callback
@@ -62,7 +62,7 @@ CHROMIUM_ARGS: Tuple[str, ...] = (
     "--disable-dev-shm-usage",  # small /dev/shm in containers
 )
 
-INSTALL_HINT = "run `bash scripts/install_browser.sh` (Debian's chromium + the playwright pip package)"
+INSTALL_HINT = "run `bash scripts/install_system_deps.sh` (Debian's chromium + the playwright pip package)"
 
 _THREE_CANVAS = 'canvas[data-engine^="three.js"]'
 _RESOLUTION_RE = re.compile(r"Resolution:\s*(\d+)x(\d+)px")

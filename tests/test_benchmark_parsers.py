@@ -437,3 +437,52 @@ def test_gt_masks_pickle_yaml_and_validation(spin, tmp_path):
         GtMasks("x", "test", ["a.png"], objects=["o"], files={0: {"p": tmp_path / "m.png"}})
     with pytest.raises(KeyError, match="no ground-truth mask"):
         gt.load(0, "cup")
+
+
+# ------------------------------------------------------------------------------------------ through the whole method
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("layout", ["spinnerf", "lerf-mask"])
+def test_benchmark_folders_through_priors_both_stages_and_ns_eval(layout, spin, lerf, tmp_path):
+    """A SPIn-NeRF (MVSeg) and a LERF-Mask folder, no transforms.json: `pepeseg3d priors` (tiny random SAM and
+    Depth-Anything through the real loaders), pepe-recon, pepe-contrast (its dataparser taken from the recon run)
+    and ns-eval, which writes the segmentation keys."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("segment_anything")
+    from pepeseg3d_ns.priors.tiny_models import build_tiny_depth_anything, build_tiny_sam
+
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+    def run(*cmd):
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, (cmd[:3], proc.stdout[-2000:], proc.stderr[-3000:])
+        return proc
+
+    data = spin if layout == "spinnerf" else lerf
+    parser = ["spinnerf", "--masks-dir", "masks", "--object-name", "mug"] if layout == "spinnerf" else ["lerf-mask"]
+    sources = ["--sam-checkpoint", build_tiny_sam(tmp_path / "sam"), "--depth-model",
+               build_tiny_depth_anything(tmp_path / "da"), "--points-per-side", "4", "--pred-iou-thresh", "0",
+               "--stability-score-thresh", "0", "--min-mask-region-area", "0", "--device", "cpu"]
+    run(bindir / "pepeseg3d", "priors", "--data", data, *sources, *parser)
+    out = tmp_path / "out"
+    common = ["--machine.device-type", "cpu", "--vis", "tensorboard", "--output-dir", out, "--timestamp", "t",
+              "--pipeline.model.compute-lpips", "False"]
+    run(bindir / "ns-train", "pepe-recon", "--data", data, "--max-num-iterations", 60, *common, *parser)
+    recon = next(out.glob("*/pepe-recon/t/config.yml"))
+    run(bindir / "ns-train", "pepe-contrast", "--pipeline.model.recon-checkpoint", recon, "--max-num-iterations", 30,
+        *common)
+    contrast = next(out.glob("*/pepe-contrast/t/config.yml"))
+    result = tmp_path / "eval.json"
+    run(bindir / "ns-eval", "--load-config", contrast, "--output-path", result)
+    metrics = json.loads(result.read_text())["results"]
+    for key in ("psnr", "miou", "macc", "mbiou"):
+        assert key in metrics and np.isfinite(metrics[key]), sorted(metrics)
+    assert 0.0 <= metrics["miou"] <= 1.0
+    names = {o for per in metrics["segmentation"]["per_object"].values() for o in per}
+    assert any("mug" in n for n in names), names

@@ -173,3 +173,31 @@ def test_segment_cli_writes_ply_and_masks(runs, tmp_path):
     assert names == splat_ply_properties(15)  # SH degree 3
     assert len(list((out / "masks").glob("*.png"))) == 11  # every training view
     assert (out / "overlay.png").is_file()
+
+
+def test_a_copied_run_opens_without_the_priors_cache(runs, tmp_path):
+    """The run folder copied elsewhere, its scene without pepe_priors/: ns-viewer's loader (eval_setup in test mode)
+    and `pepeseg3d segment` open it; the mask scales come from the checkpoint."""
+    import shutil
+
+    from pepeseg3d_ns.segment import run_segment
+    from pepeseg3d_ns.trainer import load_run
+
+    scene, _, cfg = runs
+    scene_copy = tmp_path / "scene"
+    shutil.copytree(scene, scene_copy, ignore=shutil.ignore_patterns("pepe_priors"))
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(cfg.parent, moved)
+    import yaml
+
+    config = yaml.load((moved / "config.yml").read_text(), Loader=yaml.Loader)  # our own file, written by the fixture
+    config.output_dir = tmp_path / "the_old_place_is_gone"
+    config.data = config.pipeline.datamanager.data = config.pipeline.datamanager.dataparser.data = scene_copy
+    (moved / "config.yml").write_text(yaml.dump(config))
+    _, pipeline, ckpt, step = load_run(moved / "config.yml", test_mode="test")
+    assert Path(ckpt).parent == moved / "nerfstudio_models"
+    assert pipeline.model.mask_scales is not None and pipeline.datamanager.prior_keys is None
+    summary = run_segment(moved / "config.yml", [(24.0, 24.0)], view=0, scale=0.8, output_dir=tmp_path / "seg",
+                          all_views=False, progress=False)
+    assert summary["views"] == 1 and (tmp_path / "seg" / "overlay.png").is_file()
+    assert not (scene_copy / "pepe_priors").exists()

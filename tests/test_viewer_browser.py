@@ -1,5 +1,5 @@
 """End to end in a real browser: `ns-viewer --load-config` on a tiny pepe-recon run, opened in headless Chromium
-(tests/browser.py). Needs Debian's chromium and the playwright package (`bash scripts/install_browser.sh`):
+(tests/browser.py). Needs Debian's chromium and the playwright package (`bash scripts/install_system_deps.sh`):
 without them these tests fail when CI is set and skip otherwise.
 """
 

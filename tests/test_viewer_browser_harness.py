@@ -48,7 +48,7 @@ def test_missing_chromium_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv(browser.CHROMIUM_ENV, str(tmp_path / "no_such_chromium"))
     reason = browser_missing_reason()
     assert reason is not None and "Chromium" in reason and "no_such_chromium" in reason
-    assert "install_browser.sh" in reason
+    assert "install_system_deps.sh" in reason
     assert browser.find_chromium() is None
 
 

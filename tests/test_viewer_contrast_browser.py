@@ -9,7 +9,7 @@ To know where the snowman is on the canvas, the viewer process gets one test-onl
 ``(w/2 + (x + 0.5 - cx) * h/H, h/2 + (y + 0.5 - cy) * h/H)`` for a ``w x h`` canvas and an ``H``-pixel-high
 training image (same vertical field of view, square pixels).
 
-Needs Debian's chromium and the playwright package (``bash scripts/install_browser.sh``): without them the test
+Needs Debian's chromium and the playwright package (``bash scripts/install_system_deps.sh``): without them the test
 fails when ``CI`` is set and is skipped otherwise (``browser.require_browser``).
 
 ``python tests/test_viewer_contrast_browser.py --load-config RUN/config.yml --output shot.png`` runs the same steps
