@@ -1,7 +1,7 @@
 """A user's own photos, end to end: lens-distorted photos -> ns-process-data (COLMAP) -> priors -> pepe-recon ->
 pepe-contrast -> a click with `pepeseg3d segment`; and the same photos past 1600 px (nerfstudio's auto downscale).
 
-The photos are renders of the synthetic tabletop (256 px, 24 views) warped with a real OPENCV lens distortion,
+The photos are renders of the synthetic tabletop (256 px, 24 views, with a fine surface grain for COLMAP) warped with a real OPENCV lens distortion,
 with one object (the snowman) tinted magenta in a copy (its texture kept) so that its ground truth is visible in the pixels. COLMAP (Debian's,
 `ns-process-data images --matching-method exhaustive`, offline) estimates the distortion, nerfstudio undistorts
 and crops every image it trains on, and the priors must be of those images, pixel for pixel: a mask made from
@@ -32,6 +32,7 @@ RES = 256
 N_VIEWS = 24
 DIST = np.array([-0.12, 0.03, 0.0, 0.0])  # OpenCV (k1, k2, p1, p2) of the simulated lens
 PAINTED = "snowman"
+DETAIL = 0.6  # fine surface grain: without it COLMAP finds ~5 pairs with 100 inliers and its mapper often fails
 BIG = 7  # 256 -> 1792 px: past nerfstudio's 1600 px, so it trains on images_2/
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -90,8 +91,8 @@ def photos(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("own_photos")
     t0 = time.perf_counter()
-    scene = generate_scene(SynthConfig(scene="tabletop", output_dir=root / "render", n_views=N_VIEWS, resolution=RES),
-                           progress=False)
+    scene = generate_scene(SynthConfig(scene="tabletop", output_dir=root / "render", n_views=N_VIEWS, resolution=RES,
+                                       detail=DETAIL), progress=False)
     TIMES["render"] = time.perf_counter() - t0
     fx, fy, cx, cy = intrinsics(RES)
     K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
@@ -171,8 +172,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_priors_line_up_with_the_undistorted_images(photos, tmp_path):
     """Masks computed through the datamanager's images coincide with the ground truth taken through the lens and
-    nerfstudio's undistortion (IoU >= 0.95); the same masks computed on the raw photos and resampled to the
-    trained size (what the plugin did before) do not."""
+    nerfstudio's undistortion (IoU >= 0.95, boundary IoU >= 0.85); the same masks computed on the raw photos and
+    resampled to the trained size (what the plugin did before) are off by the undistortion: their boundary IoU is
+    far lower (the object is large, so their plain IoU stays near 0.97)."""
     import torch
     from nerfstudio.data.datamanagers.full_images_datamanager import _undistort_image
 
@@ -185,7 +187,9 @@ def test_priors_line_up_with_the_undistorted_images(photos, tmp_path):
     cache = PriorCache.open(tmp_path / "magenta_priors", create=True)
     compute_priors(cache, images, MagentaMasks(), FlatDepth(), progress=False)
     raw_cams = dm.train_dataparser_outputs.cameras
-    ious, raw_ious = [], []
+    from pepeseg3d_ns.eval.metrics import boundary_iou
+
+    ious, raw_ious, bious, raw_bious = [], [], [], []
     for i, im in enumerate(images):
         cam = raw_cams[i]
         dist = cam.distortion_params.numpy()
@@ -199,11 +203,17 @@ def test_priors_line_up_with_the_undistorted_images(photos, tmp_path):
         if gt_mask.sum() < 1500:
             continue
         ious.append(_iou(cached, gt_mask))
+        bious.append(boundary_iou(cached, gt_mask, band=2))
         raw = MagentaMasks()(np.array(Image.open(photos["tinted"] / im.source_file).convert("RGB")), im.stem)["masks"]
-        raw_ious.append(_iou(MaskSet.from_dense(raw).resized(*im.hw).mask(0), gt_mask))
+        resampled = MaskSet.from_dense(raw).resized(*im.hw).mask(0)
+        raw_ious.append(_iou(resampled, gt_mask))
+        raw_bious.append(boundary_iou(resampled, gt_mask, band=2))
     assert len(ious) >= 5
     assert np.median(ious) >= 0.95, ious
-    assert np.median(raw_ious) < 0.95 and np.median(raw_ious) < np.median(ious) - 0.03, (raw_ious, ious)
+    assert np.median(bious) >= 0.85, bious
+    assert np.median(raw_bious) < 0.7 and np.median(raw_ious) < np.median(ious), (raw_bious, raw_ious)
+    print(f"\nalignment on {len(ious)} views: IoU {np.median(ious):.3f} / boundary IoU {np.median(bious):.3f}; on the "
+          f"raw photos resized: {np.median(raw_ious):.3f} / {np.median(raw_bious):.3f}")
     assert torch.is_tensor(dm.cached_train[0]["image"])
 
 
