@@ -23,9 +23,9 @@ Backends
   a radius query). Runs on the CPU for points on any device (CUDA points are copied to the host once and the index
   copied back: the graph is built once per run). ``"auto"`` uses it whenever scipy imports.
 * ``"torch"`` (any device, no dependency): exact chunked brute force, ``O(N^2)`` distances in blocks of query rows
-  (:func:`_knn_brute`). On this CPU it is ~100x slower than cKDTree at 20k points and grows as ``N^2``; on a GPU
-  it is memory-bound, estimated ~1 s at 200k and ~25 s at 1M points on an H100-class card (docs/contrast.md,
-  "kNN graph"), where cKDTree's ``O(N log N)`` wins from about 1M points on.
+  (:func:`_knn_brute`). It grows as ``N^2``: far slower than cKDTree on a CPU, and memory-bound on a GPU, where
+  cKDTree's ``O(N log N)`` still wins at a million points (measurements and estimates: docs/contrast.md, "kNN
+  graph").
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     centroid_lag: int = 100
     """Steps from a refresh's clustering (started centroid_lag steps before each merge, run in the background) to the
     merge of its centres into U and L; 0 = cluster and merge in the same step (scaled, reference 10k)."""
-    centroid_views: int = 3
+    centroid_views: int = 1
     """Views clustered together per refresh: pixels of the views rendered at the last this-many steps up to it."""
     centroid_worker: Literal["process", "inline"] = "process"
     """Where a refresh's HDBSCAN runs: "process" (a background process) or "inline" (in the step); same numbers."""
