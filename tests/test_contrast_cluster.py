@@ -13,7 +13,6 @@ from pepeseg3d_ns.contrast import cluster as cl
 from pepeseg3d_ns.contrast.cluster import available_methods, cluster_features, label_colors
 
 METHODS = available_methods()
-# fast_hdbscan costs a numba compile (or cache load) on first use: exercised by one test only
 LIGHT = "hdbscan" if "hdbscan" in METHODS else METHODS[-1]
 
 
@@ -28,7 +27,7 @@ def blobs(n=600, k=3, dim=32, sigma=0.03, seed=0, scale_rows=True):
     return x, gt, centres
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "fast_hdbscan"])
+@pytest.mark.parametrize("method", METHODS)
 def test_separated_blobs_recovered(method):
     x, gt, centres = blobs()
     res = cluster_features(x, method=method, min_cluster_size=20)
@@ -39,21 +38,6 @@ def test_separated_blobs_recovered(method):
     # centroids: unit norm, each one at its blob centre
     assert torch.allclose(res.centroids.norm(dim=1), torch.ones(3), atol=1e-5)
     assert (res.centroids @ centres.T).max(dim=1).values.min() > 0.99
-
-
-@pytest.mark.skipif("fast_hdbscan" not in METHODS, reason="fast_hdbscan not installed")
-def test_fast_hdbscan_blobs_and_agreement_with_hdbscan():
-    x, gt, _ = blobs(k=3, seed=1)
-    res = cluster_features(x, method="fast_hdbscan", min_cluster_size=20)
-    assert res.method == "fast_hdbscan"
-    assert adjusted_rand_score(gt.numpy(), res.labels.numpy()) == 1.0
-    # 3-d features take fast_hdbscan's path without projection: same labels as the hdbscan package
-    x3, gt3, _ = blobs(k=3, dim=3, seed=2, sigma=0.05)
-    a = cluster_features(x3, method="fast_hdbscan", min_cluster_size=20, min_samples=5).labels
-    if "hdbscan" in METHODS:
-        b = cluster_features(x3, method="hdbscan", min_cluster_size=20, min_samples=5).labels
-        assert torch.equal(a, b)
-    assert adjusted_rand_score(gt3.numpy(), a.numpy()) == 1.0
 
 
 def test_subsample_and_assignment_label_every_point():
@@ -102,11 +86,11 @@ def test_deterministic_for_fixed_seed():
     assert torch.equal(d.labels, e.labels)
 
 
-def test_auto_prefers_sklearn():
-    if "sklearn" not in METHODS:
-        pytest.skip("scikit-learn without HDBSCAN")
+def test_auto_prefers_the_hdbscan_package():
+    if "hdbscan" not in METHODS:
+        pytest.skip("the hdbscan package is not installed")
     x, _, _ = blobs()
-    assert cluster_features(x, min_cluster_size=20).method == "sklearn"
+    assert cluster_features(x, min_cluster_size=20).method == "hdbscan"
 
 
 def test_too_few_points_gives_no_cluster():
@@ -140,17 +124,17 @@ def test_bad_input():
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    if "hdbscan" not in METHODS:
-        pytest.skip("needs the hdbscan package")
-    monkeypatch.setattr(cl, "_importable", lambda m: m != "sklearn")
+    if "sklearn" not in METHODS:
+        pytest.skip("needs scikit-learn's HDBSCAN")
+    monkeypatch.setattr(cl, "_importable", lambda m: m != "hdbscan")
     monkeypatch.setattr(cl, "_warned_fallback", False)
     x, gt, _ = blobs()
-    with pytest.warns(RuntimeWarning, match="sklearn"):
+    with pytest.warns(RuntimeWarning, match="hdbscan"):
         res = cluster_features(x, method="auto", min_cluster_size=20)
-    assert res.method == "hdbscan"
+    assert res.method == "sklearn"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cluster_features(x, method="auto", min_cluster_size=20).method == "hdbscan"  # no second warning
+        assert cluster_features(x, method="auto", min_cluster_size=20).method == "sklearn"  # no second warning
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -159,6 +143,47 @@ def test_cuda_input_results_on_cuda():
     res = cluster_features(x.cuda(), method=LIGHT, min_cluster_size=20)
     assert res.labels.is_cuda and res.centroids.is_cuda and res.subsample.is_cuda
     assert adjusted_rand_score(gt.numpy(), res.labels.cpu().numpy()) == 1.0
+
+
+def _jobs():
+    x, _, _ = blobs(n=900, k=3, seed=7)
+    y, _, _ = blobs(n=600, k=2, seed=8, sigma=0.05)
+    kw = {"min_cluster_size": 20, "method": LIGHT}
+    return [(x.numpy(), {**kw, "seed": 1}), (y.numpy(), {**kw, "seed": 2}), (x[:10].numpy(), kw)]
+
+
+def test_cluster_centres_are_the_centres_of_the_blobs():
+    out = cl.cluster_centres(_jobs())
+    assert [c.shape for c in out] == [(3, 32), (2, 32), (0, 32)]  # 10 points: below min_cluster_size, no cluster
+    assert ((out[0] @ np.eye(32)[:3].T).max(axis=1) > 0.99).all()
+
+
+def test_worker_process_gives_the_inline_numbers_in_order():
+    jobs = _jobs()
+    inline = cl.ClusterWorker("inline")
+    proc = cl.ClusterWorker("process")
+    try:
+        for w in (inline, proc):
+            w.submit(jobs[:2])
+            w.submit(jobs[1:])
+        assert len(proc) == 2
+        for expected in (cl.cluster_centres(jobs[:2]), cl.cluster_centres(jobs[1:])):  # oldest batch first
+            for got in (inline.collect(), proc.collect()):
+                assert len(got) == 2 and all(np.array_equal(p, q) for p, q in zip(got, expected))
+        assert proc.mode == "process" and proc._proc.poll() is None  # the child ran the jobs and is still up
+        # a child that dies: one warning, the job is recomputed inline, later jobs run inline
+        proc.submit(jobs[:1])
+        proc._proc.kill()
+        proc._proc.wait()
+        with pytest.warns(RuntimeWarning, match="worker failed"):
+            (c,) = proc.collect()
+        assert np.array_equal(c, cl.cluster_centres(jobs[:1])[0]) and proc.mode == "inline"
+        with pytest.raises(RuntimeError, match="no job"):
+            proc.collect()
+    finally:
+        proc.close()
+    with pytest.raises(ValueError, match="mode"):
+        cl.ClusterWorker("thread")
 
 
 def test_label_colors():

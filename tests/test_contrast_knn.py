@@ -30,7 +30,7 @@ def brute_knn(p: torch.Tensor, k: int) -> torch.Tensor:
 def test_random_points_match_brute_force(backend):
     g = torch.Generator().manual_seed(0)
     p = torch.rand(2000, 3, generator=g, dtype=torch.float64)
-    out = knn_indices(p, k=16, chunk=300, backend=backend)
+    out = knn_indices(p, k=16, chunk=20, backend=backend)  # torch: blocks of 163 query rows
     assert out.shape == (2000, 16) and out.dtype == torch.long
     assert torch.equal(out, brute_knn(p, 16))
 
@@ -41,7 +41,7 @@ def test_duplicates_and_grid_ties_are_broken_by_index(backend):
     # integer grid: thousands of exactly equal distances; plus exact duplicates of 200 points
     p = torch.randint(0, 6, (1200, 3), generator=g).float()
     p = torch.cat([p, p[:200]])
-    out = knn_indices(p, k=16, chunk=256, backend=backend)
+    out = knn_indices(p, k=16, chunk=20, backend=backend)
     assert torch.equal(out, brute_knn(p, 16))
     # a duplicate's first neighbour is its twin (distance 0, smallest index among the zero-distance points)
     assert (out[1200:, 0] < 1200).all()
@@ -51,7 +51,7 @@ def test_duplicates_and_grid_ties_are_broken_by_index(backend):
 def test_clustered_points_with_far_outliers(backend):
     g = torch.Generator().manual_seed(2)
     p = torch.cat([torch.randn(1500, 3, generator=g) * 0.01, torch.randn(200, 3, generator=g) * 10.0])
-    assert torch.equal(knn_indices(p, k=8, chunk=512, backend=backend), brute_knn(p, 8))
+    assert torch.equal(knn_indices(p, k=8, chunk=20, backend=backend), brute_knn(p, 8))
 
 
 def test_backends_agree_float32():
@@ -101,12 +101,24 @@ def test_bad_input():
         knn_indices(torch.ones(5, 3, dtype=torch.long), k=2)
 
 
+def test_auto_without_scipy_uses_brute_force(monkeypatch):
+    import pepeseg3d_ns.contrast.knn as knn
+
+    monkeypatch.setattr(knn, "_scipy_available", lambda: False)
+    monkeypatch.setattr(knn, "_knn_scipy", None)  # would raise if called
+    p = torch.rand(300, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.equal(knn_indices(p, k=6), brute_knn(p, 6))
+    with pytest.raises(ValueError, match="scipy"):
+        knn_indices(p, k=6, backend="scipy")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     p = torch.rand(5000, 3, dtype=torch.float64)
-    assert torch.equal(knn_indices(p.cuda(), k=16).cpu(), brute_knn(p, 16))
-    with pytest.raises(ValueError, match="CPU"):
-        knn_indices(p.cuda(), k=4, backend="scipy")
+    ref = brute_knn(p, 16)
+    for backend in BACKENDS:  # scipy: cKDTree on the host, index back on the device
+        out = knn_indices(p.cuda(), k=16, backend=backend)
+        assert out.is_cuda and torch.equal(out.cpu(), ref), backend
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ def test_tiny_benchmark_in_fresh_process(tmp_path):
     assert 0 < r["covered_px"] <= 32 * 32
     assert len(r["centroids"]) == 2
     prof = r["profile"]
-    assert "HDBSCAN (cluster_features)" in prof["refresh"] and "HDBSCAN (cluster_features)" not in prof["plain"]
+    assert "centroid refresh: start" in prof["refresh"] and "centroid refresh: start" not in prof["plain"]
+    assert "centroid refresh: merge" in prof["merge"]
     for part in ("knn smoothing fwd", "knn smoothing bwd", "compositing fwd", "compositing bwd", "sampling: pairs",
                  "step: backward", "step: optimizer"):
         assert prof["plain"].get(part, 0) > 0, part

@@ -221,7 +221,7 @@ def _machine() -> dict:
 
 
 def run_cluster_bench(
-    methods: Sequence[str] = ("fast_hdbscan", "fast_hdbscan_nnd", "hdbscan", "sklearn"),
+    methods: Sequence[str] = ("hdbscan", "sklearn"),
     sizes: Sequence[int] = (2000, 5000, 10000, 30000),
     datasets: Sequence[str] = ("blobs", "hier"),
     n_points: int = 60000,
@@ -233,7 +233,6 @@ def run_cluster_bench(
 
     Each (dataset, method, size) runs in a fresh process on ``n_points`` 32-d unit features: "blobs" =
     ``make_sphere_blobs`` (16 clusters, 5 % noise), "hier" = ``make_hierarchical_blobs`` (4 x 4, 5 % noise).
-    ``fast_hdbscan_nnd`` is fast_hdbscan's own above-30-dims path (pynndescent kNN graph), for comparison.
 
     Returns ``{"kind": "cluster", "machine": {...}, "rows": [dict per configuration]}``; a row holds
     ``first_call_s`` (first call on 500 points: imports + numba compile/cache load), ``time_s`` (the measured call:
@@ -408,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line: ``python -m pepeseg3d_ns.contrast.bench --what {cluster,knn,smooth,all} [--json out.json]``."""
     ap = argparse.ArgumentParser(prog="pepeseg3d-contrast-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--what", choices=("cluster", "knn", "smooth", "all"), default="all")
-    ap.add_argument("--methods", nargs="+", default=["fast_hdbscan", "fast_hdbscan_nnd", "hdbscan", "sklearn"])
+    ap.add_argument("--methods", nargs="+", default=["hdbscan", "sklearn"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[2000, 5000, 10000, 30000], help="HDBSCAN subsamples")
     ap.add_argument("--datasets", nargs="+", default=["blobs", "hier"])
     ap.add_argument("--n-points", type=int, default=60000, help="points per clustering data set")

@@ -24,13 +24,14 @@ sampled points, twice the default ``min_cluster_size``. ``min_cluster_size = max
 subsample of ``S`` points (clusters below 0.5 % of the sample are noise); ``min_samples = min(min_cluster_size,
 10)`` (counting the point itself, as hdbscan/scikit-learn do).
 
-Implementations (``method``): ``"sklearn"`` (``sklearn.cluster.HDBSCAN``), ``"hdbscan"`` (the hdbscan package,
-Borůvka kd-tree), ``"fast_hdbscan"`` (numba; on 30 principal directions, see ``_run_fast_hdbscan``) and
-``"auto"`` = scikit-learn, the fastest at the default subsample in our measurement (tied with hdbscan; the
-exact implementations score the same on the blobs and pick different levels of the two-level set, no one
-consistently), falling back to ``hdbscan`` then ``fast_hdbscan`` (one warning) when it does not import. fast_hdbscan's own path for more than 30
-dimensions (pynndescent) was fastest at 30k points (6.7 s) but compiles for 90-250 s in every new process and is
-not used.
+Implementations (``method``): ``"hdbscan"`` (the hdbscan package of McInnes et al., the paper's HDBSCAN
+reference [10]; Euclidean, Borůvka kd-tree) and ``"sklearn"`` (``sklearn.cluster.HDBSCAN``, a port of it).
+``"auto"`` = hdbscan, falling back to scikit-learn (one warning) when it does not import. The two are the same
+algorithm and take about the same time at the default subsample (docs/contrast.md, "The centroid refresh"); they
+can pick different levels of a two-level structure. hdbscan's ``approximate_predict`` (after a fit with
+``prediction_data=True``) was measured as the rule for the points outside the subsample and not adopted: about
+1000x slower than the nearest-centre rule (11-15 s against 0.013 s for 55k points) and no better on the points of
+real clusters; its one gain, leaving noise points unlabelled, is what ``min_similarity`` does here.
 
 If the (sub)sample has fewer than ``min_cluster_size`` points, no cluster can exist and **no cluster** is returned
 (all labels -1, ``centroids [0, D]``); HDBSCAN likewise returns no cluster for structureless data unless
@@ -43,18 +44,19 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ClusterResult", "cluster_features", "label_colors", "available_methods", "DEFAULT_MAX_POINTS"]
+__all__ = ["ClusterResult", "cluster_features", "cluster_centres", "ClusterWorker", "label_colors", "available_methods",
+           "DEFAULT_MAX_POINTS"]
 
 DEFAULT_MAX_POINTS = 5_000
-METHODS = ("fast_hdbscan", "hdbscan", "sklearn")
-_AUTO_ORDER = ("sklearn", "hdbscan", "fast_hdbscan")
+METHODS = ("hdbscan", "sklearn")
+_AUTO_ORDER = ("hdbscan", "sklearn")
 _warned_fallback = False
 
 
@@ -68,7 +70,7 @@ class ClusterResult:
             float64 input).
         sizes: ``long [C]`` number of points with each label, descending.
         subsample: ``long [S]`` ascending indices of the rows HDBSCAN saw (``S = min(P, max_points)``).
-        method: the implementation that ran (``"fast_hdbscan"``, ``"hdbscan"``, ``"sklearn"``; ``"none"`` when
+        method: the implementation that ran (``"hdbscan"``, ``"sklearn"``; ``"none"`` when
             there were too few points to run).
     """
 
@@ -87,56 +89,6 @@ class ClusterResult:
 # ----------------------------------------------------------------------------------------------------------------
 # backends: numpy float [S, D] (unit rows) -> int labels [S] (-1 noise), HDBSCAN's own numbering
 # ----------------------------------------------------------------------------------------------------------------
-
-
-FAST_HDBSCAN_MAX_DIM = 30  # fast_hdbscan 0.3.x: above this, an approximate kNN graph path that needs pynndescent
-
-
-def _project_max_dim(x: np.ndarray, max_dim: int = FAST_HDBSCAN_MAX_DIM) -> np.ndarray:
-    """Rows of ``x [S, D]`` centred and projected onto their top ``max_dim`` principal directions (unchanged when
-    ``D <= max_dim``). Centring keeps Euclidean distances; dropping the lowest-variance directions only shrinks them
-    slightly (for 32-d features: 2 of 32 directions, the two of least variance)."""
-    if x.shape[1] <= max_dim:
-        return x
-    xc = x - x.mean(axis=0, keepdims=True)
-    _, _, vt = np.linalg.svd(xc.astype(np.float64), full_matrices=False)
-    return np.ascontiguousarray((xc @ vt[:max_dim].T.astype(xc.dtype)).astype(x.dtype))
-
-
-def _run_fast_hdbscan(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
-    """fast_hdbscan on its exact Euclidean kd-tree Borůvka path.
-
-    fast_hdbscan (0.3.x) sends data with more than 30 columns to an approximate kNN-graph path that needs
-    pynndescent, whose numba code is compiled anew in every process (90-250 s on this 2-core machine before the
-    first result; measured in docs/contrast_bench.md). Instead, wider data are projected onto their top 30
-    principal directions first (``_project_max_dim``: for 32-d features the two directions of least variance are
-    dropped). fast_hdbscan's ``min_samples`` does not count the point itself, so ``ms - 1`` is passed (the
-    hdbscan/scikit-learn meaning for ``ms``). ``reproducible=True`` makes the parallel Borůvka deterministic.
-    (Two other ways were tried and rejected: unit ``sample_weight`` keeps the kd path above 30 dims but changes
-    the condensed tree -- 7 instead of 14 clusters on the benchmark blobs; an exact kNN graph passed as
-    ``metric="precomputed"`` merged separate blobs -- ARI 0.68 against 0.95 for scikit-learn at 10k points.)
-    """
-    import fast_hdbscan
-
-    model = fast_hdbscan.HDBSCAN(
-        min_cluster_size=mcs, min_samples=max(1, ms - 1), allow_single_cluster=single, reproducible=True
-    )
-    model.fit(_project_max_dim(x))
-    return np.asarray(model.labels_, dtype=np.int64)
-
-
-def _run_fast_hdbscan_nnd(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
-    """fast_hdbscan's own path above 30 dims (pynndescent kNN graph); benchmark comparison only."""
-    import fast_hdbscan
-
-    state = np.random.get_state()
-    np.random.seed(0)  # pynndescent draws from numpy's global generator here
-    try:
-        model = fast_hdbscan.HDBSCAN(min_cluster_size=mcs, min_samples=max(1, ms - 1), allow_single_cluster=single)
-        model.fit(x)
-    finally:
-        np.random.set_state(state)
-    return np.asarray(model.labels_, dtype=np.int64)
 
 
 def _run_hdbscan(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
@@ -161,14 +113,10 @@ def _run_sklearn(x: np.ndarray, mcs: int, ms: int, single: bool) -> np.ndarray:
 
 
 _RUNNERS = {
-    "fast_hdbscan": _run_fast_hdbscan,
-    "fast_hdbscan_nnd": _run_fast_hdbscan_nnd,
     "hdbscan": _run_hdbscan,
     "sklearn": _run_sklearn,
 }
 _IMPORTS = {
-    "fast_hdbscan": "fast_hdbscan",
-    "fast_hdbscan_nnd": "pynndescent",
     "hdbscan": "hdbscan",
     "sklearn": "sklearn.cluster",
 }
@@ -182,8 +130,6 @@ def _importable(method: str) -> bool:
     if method not in _IMPORT_OK:
         try:
             __import__(_IMPORTS[method])
-            if method == "fast_hdbscan_nnd":
-                __import__("fast_hdbscan")
             _IMPORT_OK[method] = True
         except Exception:
             _IMPORT_OK[method] = False
@@ -191,10 +137,10 @@ def _importable(method: str) -> bool:
 
 
 def available_methods() -> Tuple[str, ...]:
-    """Implementations (of ``"fast_hdbscan"``, ``"hdbscan"``, ``"sklearn"``) installed on this machine.
+    """Implementations (of ``"hdbscan"``, ``"sklearn"``) installed on this machine.
 
-    Cheap: looks the modules up (``importlib.util.find_spec``) without importing them (fast_hdbscan's import loads
-    numba code); ``cluster_features`` still imports for real and falls back if that fails."""
+    Cheap: looks the modules up (``importlib.util.find_spec``) without importing them; ``cluster_features`` still
+    imports for real and falls back if that fails."""
     import importlib.util
 
     def found(name: str) -> bool:
@@ -213,14 +159,14 @@ def _resolve_method(method: str) -> str:
             if _importable(m):
                 if m != _AUTO_ORDER[0] and not _warned_fallback:
                     warnings.warn(
-                        f"cluster_features: {_AUTO_ORDER[0]} (scikit-learn >= 1.3) is not importable, using {m} "
-                        f"instead",
+                        f"cluster_features: the hdbscan package is not importable, using {m} instead "
+                        f"(pip install hdbscan)",
                         RuntimeWarning,
                         stacklevel=3,
                     )
                     _warned_fallback = True
                 return m
-        raise ImportError("cluster_features: none of fast_hdbscan, hdbscan, scikit-learn (>= 1.3) can be imported")
+        raise ImportError("cluster_features: neither hdbscan nor scikit-learn (>= 1.3) imports: pip install hdbscan")
     if method not in _RUNNERS:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     if not _importable(method):
@@ -271,7 +217,7 @@ def cluster_features(
             ``min(min_cluster_size, 10)``.
         max_points: at most this many rows go into HDBSCAN (uniform random subsample without replacement);
             default 5k, see the module docstring.
-        method: ``"auto"``, ``"fast_hdbscan"``, ``"hdbscan"`` or ``"sklearn"``.
+        method: ``"auto"`` (hdbscan, else scikit-learn), ``"hdbscan"`` or ``"sklearn"``.
         seed: seed of the subsample draw when ``generator`` is None.
         generator: a CPU ``torch.Generator`` for the subsample draw (overrides ``seed``).
         assign_rest: give every row outside the subsample the label of its highest-cosine centroid; if False
@@ -401,3 +347,175 @@ def label_colors(labels: Union[Tensor, np.ndarray], seed: int = 0) -> Tensor:
     rgb = torch.round(rgb * 255).clamp(0, 255).to(torch.uint8)
     grey = torch.full_like(rgb, 128)
     return torch.where((lab < 0)[..., None], grey, rgb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# background worker (the centroid refresh of pepe-contrast)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cluster_centres(jobs: Sequence[Tuple[np.ndarray, dict]]) -> List[np.ndarray]:
+    """Cluster centres of each job: ``cluster_features(torch.from_numpy(x), assign_rest=False, **kwargs).centroids``
+    as ``float32 [C, D]`` arrays, for ``jobs = [(x float32 [S, D], kwargs), ...]``. What :class:`ClusterWorker`
+    runs, in its child process or inline."""
+    out = []
+    for x, kwargs in jobs:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[0] < 2:
+            out.append(np.zeros((0, x.shape[1]), dtype=np.float32))
+            continue
+        res = cluster_features(torch.from_numpy(x), assign_rest=False, **kwargs)
+        out.append(res.centroids.to(torch.float32).numpy())
+    return out
+
+
+class ClusterWorker:
+    """Runs :func:`cluster_centres` jobs off the caller's thread: in one child Python process (``mode="process"``)
+    or inline, at submission (``mode="inline"``). Results come back in submission order.
+
+    Why a process: HDBSCAN (hdbscan's and scikit-learn's Cython code) holds the GIL, so a thread would stall the
+    training step for as long as the clustering runs. The child is ``python -c ...`` importing this module (no
+    re-run of the caller's ``__main__``, no fork of a process holding CUDA or OpenMP state); jobs and results are
+    pickled numpy arrays over its stdin / stdout. It starts on the first :meth:`submit` and ends with
+    :meth:`close`, at the caller's exit, or when its stdin closes. Both modes compute the same numbers (the same
+    function on the same CPU arrays), so a caller that collects a job at a fixed step trains identically in both.
+    If the child fails, a warning is printed and the job (and every later one) runs inline.
+
+    Args:
+        mode: ``"process"`` or ``"inline"``.
+        threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` of the child (HDBSCAN's core-distance pass uses them).
+    """
+
+    def __init__(self, mode: str = "process", threads: int = 1) -> None:
+        if mode not in ("process", "inline"):
+            raise ValueError(f"mode must be 'process' or 'inline', got {mode!r}")
+        self.mode = mode
+        self.threads = max(1, int(threads))
+        self._proc = None
+        self._pending: List[Tuple[str, object]] = []  # ("inline", results) or ("process", (jobs, writer thread))
+        self._finalizer = None
+
+    def __len__(self) -> int:
+        """Number of submitted jobs not yet collected."""
+        return len(self._pending)
+
+    def _start(self) -> None:
+        import os
+        import subprocess
+        import sys
+        import weakref
+        from pathlib import Path
+
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding this copy of pepeseg3d_ns
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(self.threads)
+        code = "from pepeseg3d_ns.contrast.cluster import _worker_main; _worker_main()"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env)
+        self._finalizer = weakref.finalize(self, _stop_process, self._proc)
+
+    def submit(self, jobs: Sequence[Tuple[np.ndarray, dict]]) -> None:
+        """Queue one batch of jobs (see :func:`cluster_centres`); returns at once in ``"process"`` mode."""
+        import pickle
+        import threading
+
+        jobs = [(np.ascontiguousarray(x, dtype=np.float32), dict(kw)) for x, kw in jobs]
+        if self.mode == "process":
+            try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._start()
+                payload = pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL)
+                # a pipe write blocks while the child is still starting: leave it to a thread (it releases the GIL)
+                writer = threading.Thread(target=_write_message, args=(self._proc.stdin, payload), daemon=True)
+                writer.start()
+                self._pending.append(("process", (jobs, writer)))
+                return
+            except OSError as err:
+                self._fail(err)
+        self._pending.append(("inline", cluster_centres(jobs)))
+
+    def collect(self) -> List[np.ndarray]:
+        """Centroids of the oldest uncollected batch (blocks until the child has them)."""
+        import pickle
+
+        if not self._pending:
+            raise RuntimeError("ClusterWorker.collect: no job was submitted")
+        kind, item = self._pending.pop(0)
+        if kind == "inline":
+            return item
+        jobs, writer = item
+        try:
+            writer.join()
+            status, result = pickle.load(self._proc.stdout)
+            if status == "ok":
+                return result
+            raise RuntimeError(result)
+        except (EOFError, OSError, pickle.UnpicklingError, RuntimeError) as err:
+            self._fail(err)
+            return cluster_centres(jobs)
+
+    def _fail(self, err: BaseException) -> None:
+        warnings.warn(f"centroid clustering worker failed ({str(err).strip().splitlines()[-1] if str(err) else err!r}); "
+                      "clustering inline from now on", RuntimeWarning, stacklevel=3)
+        self.close()
+        self.mode = "inline"
+        # jobs already queued for the child are recomputed inline when collected
+        self._pending = [("inline", cluster_centres(item[0])) if kind == "process" else (kind, item)
+                         for kind, item in self._pending]
+
+    def close(self) -> None:
+        """Stop the child (pending process jobs are dropped)."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self._proc = None
+
+    def __getstate__(self):  # a model holding a worker can be deep-copied / pickled: the copy starts its own
+        state = dict(self.__dict__)
+        state.update(_proc=None, _pending=[], _finalizer=None)
+        return state
+
+
+def _write_message(stream, payload: bytes) -> None:
+    try:
+        stream.write(len(payload).to_bytes(8, "little"))
+        stream.write(payload)
+        stream.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # the child is gone: collect() notices and recomputes inline
+
+
+def _stop_process(proc) -> None:
+    try:
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+    except Exception:
+        proc.kill()
+
+
+def _worker_main() -> None:
+    """The child process of :class:`ClusterWorker`: read length-prefixed pickled job batches from stdin, write
+    ``("ok", centroids)`` or ``("error", message)`` pickles to stdout, until stdin closes."""
+    import os
+    import pickle
+    import sys
+    import traceback
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints of libraries go to stderr, not into the result stream
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    inp = sys.stdin.buffer
+    while True:
+        head = inp.read(8)
+        if len(head) < 8:
+            return
+        jobs = pickle.loads(inp.read(int.from_bytes(head, "little")))
+        try:
+            msg = ("ok", cluster_centres(jobs))
+        except Exception:
+            msg = ("error", traceback.format_exc())
+        pickle.dump(msg, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()

@@ -19,24 +19,17 @@ Conventions
 
 Backends
 --------
-* ``"torch"`` (any device, used on CUDA): points are split into a balanced kd-partition of leaves of at most
-  ``leaf_size = 32`` points (recursive median splits along the longest box side, two stable sorts per level). For
-  each query leaf: (A) the k best among the points of the 16 leaves whose boxes are nearest to its box give every
-  query point an upper bound ``U(q)`` of its true k-th squared distance; (B) every leaf whose box lies within
-  ``U(q)`` of the point ``q`` (point-to-box distance, ``<=`` so that ties are kept) may hold a neighbour; (C) the
-  query leaf's points are compared with all points of the union of those leaves and the k best kept. (C) sees
-  every point that can be at most as far as the true k-th neighbour, so the result is exact, with no fallback.
-  Memory is ``O(chunk * 1024)`` distances per block plus the ``[chunk / leaf_size, n_leaves]`` box-gap block
-  and ``O(N)``; no ``N x N`` matrix is ever formed. On CPU it is ~10-20x slower than cKDTree (see
-  docs/contrast_bench.md); it exists for CUDA tensors and for machines without scipy. (The box-gap pass is ``O((N / leaf_size)^2)``: negligible
-  up to a few million points.)
-* ``"scipy"`` (CPU only): ``scipy.spatial.cKDTree`` queried in chunks, with the same tie rule (boundary ties are
-  resolved with a radius query). Much faster on CPU; ``"auto"`` uses it for CPU tensors when scipy imports.
+* ``"scipy"``: ``scipy.spatial.cKDTree`` queried in chunks, with the same tie rule (boundary ties are resolved with
+  a radius query). Runs on the CPU for points on any device (CUDA points are copied to the host once and the index
+  copied back: the graph is built once per run). ``"auto"`` uses it whenever scipy imports.
+* ``"torch"`` (any device, no dependency): exact chunked brute force, ``O(N^2)`` distances in blocks of query rows
+  (:func:`_knn_brute`). It grows as ``N^2``: far slower than cKDTree on a CPU, and memory-bound on a GPU, where
+  cKDTree's ``O(N log N)`` still wins at a million points (measurements and estimates: docs/contrast.md, "kNN
+  graph").
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Tuple
 
@@ -81,174 +74,42 @@ def _dist_dtype(points: Tensor) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# selection with the (distance, index) tie rule
+# torch backend: chunked brute force
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _select_k(d: Tensor, idx: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """k smallest of each row of ``d`` ordered by (d, idx); ``d [R, C]`` float (inf = invalid), ``idx [R, C]`` long.
+def _knn_brute(points: Tensor, k: int, chunk: int, progress: bool) -> Tensor:
+    """Exact kNN (others only) by brute force: blocks of query rows against all ``N`` points. Returns ``long [N, k]``.
 
-    Returns ``(dk [R, k], ik [R, k])``. Rows with fewer than ``k`` finite entries end with ``inf`` distances.
+    A block holds ``rows = max(1, chunk * 16384 // N)`` rows of exact squared distances ``[rows, N]`` (summed over
+    x, y, z in that order, as the scipy path does); the ``k`` smallest are ``topk``-selected and put in
+    ``(distance, index)`` order. A row with more than ``k`` entries at or below its ``k``-th distance (a tie at the
+    boundary, where ``topk`` may pick any of the tied points) is redone with a stable sort of the whole row.
     """
-    vals, pos = torch.topk(d, k, dim=1, largest=False, sorted=True)
-    ids = idx.gather(1, pos)
-    # order the selected k by (d, idx): stable sort by index, then stable sort by distance
-    o = torch.argsort(ids, dim=1, stable=True)
-    vals, ids = vals.gather(1, o), ids.gather(1, o)
-    o = torch.argsort(vals, dim=1, stable=True)
-    vals, ids = vals.gather(1, o), ids.gather(1, o)
-    # rows where more candidates than k share the k-th distance: the selected set depends on the tie rule
-    kth = vals[:, -1:]
-    tie = ((d <= kth).sum(dim=1) > k) & torch.isfinite(kth[:, 0])
-    if bool(tie.any()):
-        rows = tie.nonzero().squeeze(1)
-        dr, ir = d[rows], idx[rows]
-        o = torch.argsort(ir, dim=1, stable=True)
-        dr, ir = dr.gather(1, o), ir.gather(1, o)
-        o = torch.argsort(dr, dim=1, stable=True)[:, :k]
-        vals[rows] = dr.gather(1, o)
-        ids[rows] = ir.gather(1, o)
-    return vals, ids
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# torch backend: balanced kd-leaves + nearest-box candidate search + certification
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _build_leaves(pts: Tensor, leaf_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Balanced kd-partition. Returns ``table [L, B] long`` (point ids, -1 padded), ``lo [L, 3]``, ``hi [L, 3]``
-    (leaf bounding boxes) and ``leaf_of [N] long``."""
-    n, dev = pts.shape[0], pts.device
-    levels = max(0, math.ceil(math.log2(max(n / leaf_size, 1.0))))
-    order = torch.arange(n, device=dev)
-    group = torch.zeros(n, dtype=torch.long, device=dev)
-    for level in range(levels):
-        g = 1 << level
-        p = pts[order]
-        lo = torch.full((g, 3), float("inf"), dtype=pts.dtype, device=dev)
-        hi = torch.full((g, 3), float("-inf"), dtype=pts.dtype, device=dev)
-        gi = group[:, None].expand(-1, 3)
-        lo = lo.scatter_reduce(0, gi, p, reduce="amin")
-        hi = hi.scatter_reduce(0, gi, p, reduce="amax")
-        axis = (hi - lo).argmax(dim=1)  # [g]
-        coord = p.gather(1, axis[group][:, None]).squeeze(1)
-        o1 = torch.argsort(coord, stable=True)
-        o2 = torch.argsort(group[o1], stable=True)
-        perm = o1[o2]
-        order, group = order[perm], group[perm]
-        counts = torch.bincount(group, minlength=g)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(n, device=dev) - starts[group]
-        group = 2 * group + (rank >= counts[group] // 2).long()
-    n_leaves = 1 << levels
-    counts = torch.bincount(group, minlength=n_leaves)
-    starts = torch.cumsum(counts, 0) - counts
-    bmax = int(counts.max())
-    rank = torch.arange(n, device=dev) - starts[group]
-    table = torch.full((n_leaves, bmax), -1, dtype=torch.long, device=dev)
-    table[group, rank] = order
-    leaf_of = torch.empty(n, dtype=torch.long, device=dev)
-    leaf_of[order] = group
-    gi = group[:, None].expand(-1, 3)
-    p = pts[order]
-    lo = torch.full((n_leaves, 3), float("inf"), dtype=pts.dtype, device=dev).scatter_reduce(0, gi, p, reduce="amin")
-    hi = torch.full((n_leaves, 3), float("-inf"), dtype=pts.dtype, device=dev).scatter_reduce(0, gi, p, reduce="amax")
-    return table, lo, hi, leaf_of
-
-
-def _box_gap2(qlo: Tensor, qhi: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Squared distance between boxes ``[Q, 3]`` and boxes ``[L, 3]`` -> ``[Q, L]`` (0 when they overlap)."""
-    gap = torch.clamp(torch.maximum(lo[None] - qhi[:, None], qlo[:, None] - hi[None]), min=0)
-    return _sum_sq3(gap)
-
-
-def _sum_sq3(g: Tensor) -> Tensor:
-    """``g[..., 0]^2 + g[..., 1]^2 + g[..., 2]^2`` summed left to right (the order used for point distances, so that
-    float rounding keeps box distances <= point distances)."""
-    return (g[..., 0].square() + g[..., 1].square()) + g[..., 2].square()
-
-
-def _candidates(
-    pts: Tensor, q_ids: Tensor, cand: Tensor, k: int
-) -> Tuple[Tensor, Tensor]:
-    """Best k other points among ``cand [R, C]`` (ids, -1 = none) for queries ``q_ids [R, Q]`` (-1 = none).
-
-    Returns ``(d2 [R, Q, k], ids [R, Q, k])``."""
-    r, q = q_ids.shape
-    qp = pts[q_ids.clamp(min=0)]  # [R, Q, 3]
-    cp = pts[cand.clamp(min=0)]  # [R, C, 3]
-    d = (qp[:, :, None, 0] - cp[:, None, :, 0]).square_()
-    for ax in (1, 2):  # same summation order as numpy's (x - y) ** 2 summed over 3 columns
-        d.add_((qp[:, :, None, ax] - cp[:, None, :, ax]).square_())
-    d.masked_fill_(cand[:, None, :] == q_ids[:, :, None], float("inf"))  # not its own neighbour
-    d.masked_fill_((cand < 0)[:, None, :], float("inf"))  # padding
-    c = cand.shape[1]
-    vals, ids = _select_k(d.reshape(r * q, c), cand[:, None, :].expand(r, q, c).reshape(r * q, c), k)
-    return vals.reshape(r, q, k), ids.reshape(r, q, k)
-
-
-def _knn_torch(
-    points: Tensor, k: int, chunk: int, progress: bool, leaf_size: int = 32, n_seed_leaves: int = 16
-) -> Tensor:
-    """Exact kNN (others only) with balanced kd-leaves; see the module docstring. Returns ``long [N, k]``."""
     from tqdm.auto import tqdm
 
     n, dev = points.shape[0], points.device
     pts = points.to(_dist_dtype(points))
-    table, lo, hi, _ = _build_leaves(pts, leaf_size)
-    n_leaf, bmax = table.shape
     out = torch.empty((n, k), dtype=torch.long, device=dev)
-    m0 = min(n_seed_leaves, n_leaf)
-    leaves_per_chunk = max(1, chunk // bmax)
-    budget = max(chunk, 1) * 1024  # query x candidate distances held at once in the exact pass
+    rows = max(1, min(n, chunk * 16384 // n))
     with tqdm(total=n, desc="kNN", unit="pt", disable=not progress, leave=False) as bar:
-        for s in range(0, n_leaf, leaves_per_chunk):
-            ql = torch.arange(s, min(s + leaves_per_chunk, n_leaf), device=dev)
-            c = len(ql)
-            q_ids = table[ql]  # [c, B]
-            valid = q_ids >= 0
-            gap = _box_gap2(lo[ql], hi[ql], lo, hi)  # [c, L]
-            # (A) upper bound U(q) >= true k-th distance from the m0 nearest leaves (real points, real distances)
-            seed = torch.topk(gap, m0, dim=1, largest=False, sorted=False).indices
-            d2, _ = _candidates(pts, q_ids, table[seed].reshape(c, -1), k)
-            upper = d2[:, :, -1].masked_fill(~valid, float("-inf"))  # [c, B]; inf if < k points were seen
-            # (B) leaves a query point may need: point-to-box distance <= U(q); superset by box gap <= max U
-            need_box = gap <= upper.max(dim=1).values[:, None]  # [c, L]
-            n_sup = need_box.sum(dim=1)
-            sup_order = torch.argsort(n_sup, descending=True)
-            sup_sorted = n_sup[sup_order].tolist()
-            j = 0
-            while j < c:  # groups of query leaves with similar superset sizes (bounded memory)
-                smax = max(1, sup_sorted[j])
-                grp = sup_order[j : j + max(1, budget // (bmax * smax))]
-                j += len(grp)
-                sv, sidx = torch.topk(need_box[grp].to(torch.int8), smax, dim=1, sorted=False)  # superset ids
-                qg, ug = q_ids[grp], upper[grp]
-                qp = pts[qg.clamp(min=0)]  # [g, B, 3]
-                gb = torch.clamp(
-                    torch.maximum(lo[sidx][:, None] - qp[:, :, None], qp[:, :, None] - hi[sidx][:, None]), min=0
-                )
-                need = (_sum_sq3(gb) <= ug[:, :, None]) & sv.bool()[:, None, :]  # [g, B, smax]
-                need_leaf = need.any(dim=1)  # [g, smax]: union over the leaf's points
-                counts = need_leaf.sum(dim=1)
-                # (C) exact pass: every point against all points of its leaf's needed leaves; leaves with
-                # similar candidate counts are batched together to bound padding and memory
-                order = torch.argsort(counts, descending=True)
-                counts_sorted = counts[order].tolist()
-                i = 0
-                while i < len(grp):
-                    mcount = max(1, counts_sorted[i])
-                    rows = order[i : i + max(1, budget // (bmax * mcount * bmax))]
-                    i += len(rows)
-                    nv, nid = torch.topk(need_leaf[rows].to(torch.int8), mcount, dim=1, sorted=False)
-                    leaves = sidx[rows].gather(1, nid)
-                    cand = table[leaves].reshape(len(rows), -1)
-                    cand = cand.masked_fill(~nv.bool().repeat_interleave(bmax, dim=1), -1)
-                    _, ids = _candidates(pts, qg[rows], cand, k)
-                    vr = qg[rows] >= 0
-                    out[qg[rows][vr]] = ids[vr]
-            bar.update(int(valid.sum()))
+        for s in range(0, n, rows):
+            q = pts[s : s + rows]
+            d = (q[:, None, 0] - pts[None, :, 0]).square_()
+            d.add_((q[:, None, 1] - pts[None, :, 1]).square_()).add_((q[:, None, 2] - pts[None, :, 2]).square_())
+            r = torch.arange(q.shape[0], device=dev)
+            d[r, s + r] = float("inf")  # not its own neighbour
+            vals, ids = torch.topk(d, k, dim=1, largest=False, sorted=False)
+            o = torch.argsort(ids, dim=1)
+            vals, ids = vals.gather(1, o), ids.gather(1, o)
+            o = torch.argsort(vals, dim=1, stable=True)  # (distance, index) order
+            ids = ids.gather(1, o)
+            tie = (d <= vals.gather(1, o)[:, -1:]).sum(dim=1) > k
+            if bool(tie.any()):
+                t = tie.nonzero().squeeze(1)
+                ids[t] = torch.sort(d[t], dim=1, stable=True).indices[:, :k]
+            out[s : s + rows] = ids
+            bar.update(q.shape[0])
     return out
 
 
@@ -326,22 +187,22 @@ def knn_indices(
     Args:
         points: ``[N, 3]`` float tensor (any float dtype, CPU or CUDA), all coordinates finite.
         k: neighbours per point (``k <= N - 1``, or ``k <= N`` with ``include_self``).
-        chunk: query points per block, bounds memory: the torch backend holds about ``chunk * 1024`` candidate
-            distances at a time (more only when a single 32-point leaf needs more candidates, e.g. isolated
-            points), the scipy backend queries ``max(chunk, 16384)`` points at a time.
+        chunk: bounds memory: the torch backend holds about ``chunk * 16384`` distances (two blocks of them) at a
+            time, the scipy backend queries ``max(chunk, 16384)`` points at a time.
         include_self: if True, column 0 is the point itself and columns ``1..k-1`` its ``k - 1`` nearest others;
             if False, the ``k`` nearest other points.
         progress: show a tqdm progress bar over the query points.
-        backend: ``"auto"`` (scipy's cKDTree for CPU tensors when scipy imports, else torch), ``"torch"``
-            (any device) or ``"scipy"`` (CPU tensors only).
+        backend: ``"auto"`` (scipy's cKDTree when scipy imports, else torch), ``"scipy"`` (cKDTree on the CPU;
+            points on another device are copied to the host and back) or ``"torch"`` (brute force on the points'
+            device).
 
     Returns:
         ``long [N, k]`` on the device of ``points``: row ``i`` holds neighbour indices sorted by
         ``(squared distance, index)`` ascending (ties broken by the smaller index).
 
     Raises:
-        ValueError: wrong shape/dtype, empty input, non-finite coordinates, ``k`` out of range, unknown backend,
-            or ``backend="scipy"`` for a CUDA tensor.
+        ValueError: wrong shape/dtype, empty input, non-finite coordinates, ``k`` out of range, unknown backend
+            (``"scipy"`` when scipy does not import).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -350,16 +211,16 @@ def knn_indices(
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     n = points.shape[0]
     if backend == "auto":
-        backend = "scipy" if points.device.type == "cpu" and _scipy_available() else "torch"
-    if backend == "scipy" and points.device.type != "cpu":
-        raise ValueError(f"backend='scipy' needs a CPU tensor, points are on {points.device}")
+        backend = "scipy" if _scipy_available() else "torch"
+    if backend == "scipy" and not _scipy_available():
+        raise ValueError("backend='scipy' needs scipy (pip install scipy), or use backend='torch'")
     with torch.no_grad():
         if n_others == 0:
             others = torch.empty((n, 0), dtype=torch.long, device=points.device)
         elif backend == "scipy":
             others = _knn_scipy(points.detach(), n_others, chunk, progress)
         else:
-            others = _knn_torch(points.detach(), n_others, chunk, progress)
+            others = _knn_brute(points.detach(), n_others, chunk, progress)
     if include_self:
         self_col = torch.arange(n, device=points.device)[:, None]
         return torch.cat([self_col, others], dim=1)

@@ -18,11 +18,13 @@ covered by a SAM mask with a known scale:
   weighted ``omega(p) omega(q)`` (eq. 7);
 * ``Lp`` (eq. 4): :func:`~pepeseg3d_ns.contrast.losses.perception_loss`, one window partner per sampled pixel
   (:func:`~pepeseg3d_ns.contrast.sampling.perception_pairs`: radius ``r(s)``, adaptive depth/colour thresholds);
-* ``Lc`` (eq. 5): from ``centroid_start`` on, every ``centroid_every`` steps the current view's rendered
-  features at ``s = 1`` and ``s = 0`` are clustered (HDBSCAN on a bounded subsample,
-  :func:`~pepeseg3d_ns.contrast.cluster.cluster_features`) and the cluster centres merged into the global sets
-  ``U`` and ``L`` (:class:`~pepeseg3d_ns.contrast.centroids.CentroidBank`); every step pulls sampled pixels to
-  their nearest centroid when its cosine exceeds ``tau``. Both sets are saved in the checkpoint;
+* ``Lc`` (eq. 5): every ``centroid_every`` steps the rendered features of the views of the last
+  ``centroid_views`` steps, gated at ``s = 1`` and ``s = 0``, are clustered (HDBSCAN on a bounded subsample,
+  :func:`~pepeseg3d_ns.contrast.cluster.cluster_features`) in a background process while training goes on;
+  ``centroid_lag`` steps later, at a fixed step, the cluster centres are merged into the global sets ``U`` and
+  ``L`` (:class:`~pepeseg3d_ns.contrast.centroids.CentroidBank`, bounded, stale centres dropped). The first merge
+  is at ``centroid_start``; from there every step pulls sampled pixels to their nearest centroid when its cosine
+  exceeds ``tau``. Both sets are saved in the checkpoint;
 * ``L2D``: ``mean((|F(p)| - 1)^2)`` over the sampled pixels of the ungated map.
 
 The geometry (means, scales, quaternions, opacities, colours) comes from a pepe-recon checkpoint and is never
@@ -147,9 +149,21 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     lambda_norm: float = 1.0
     """Weight of L2D = mean((|F(p)| - 1)^2) (0 = off)."""
     centroid_start: int = 7000
-    """Step from which the centroid loss runs (scaled with --max-num-iterations, reference 10k)."""
+    """Step from which the centroid loss runs: the first merge of centres (scaled with --max-num-iterations, reference
+    10k)."""
     centroid_every: int = 200
     """Refresh the centroid sets every this many steps (scaled with --max-num-iterations, reference 10k)."""
+    centroid_lag: int = 100
+    """Steps from a refresh's clustering (started centroid_lag steps before each merge, run in the background) to the
+    merge of its centres into U and L; 0 = cluster and merge in the same step (scaled, reference 10k)."""
+    centroid_views: int = 1
+    """Views clustered together per refresh: pixels of the views rendered at the last this-many steps up to it."""
+    centroid_worker: Literal["process", "inline"] = "process"
+    """Where a refresh's HDBSCAN runs: "process" (a background process) or "inline" (in the step); same numbers."""
+    centroid_max_size: int = 256
+    """At most this many centroids per set; when full, a new one replaces the least recently matched (0 = no bound)."""
+    centroid_stale_after: int = 10
+    """A centroid that no candidate has matched in this many refreshes is dropped (0 = never)."""
     centroid_delta: float = 0.9
     """[delta] a candidate centroid merges (EMA) into an existing one above this cosine, else it is added."""
     centroid_tau: float = 0.9
@@ -157,7 +171,7 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     centroid_momentum: float = 0.9
     """EMA momentum of centroid merging."""
     cluster_max_points: int = 5000
-    """HDBSCAN subsample size per refresh (the rest of the pixels is assigned to the nearest cluster centre)."""
+    """Pixels clustered by HDBSCAN per refresh, all views together (a random subsample of each view's covered pixels)."""
     cluster_min_size: int = 25
     """HDBSCAN min_cluster_size (pixels of the subsample)."""
     gate_init: Literal["hinge", "nested", "band"] = "band"
@@ -190,8 +204,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
         """Step-valued fields for a run of ``steps`` iterations (paper: 10k steps, centroids from 7k every 200;
         our gate warm-up: 3k)."""
         r = steps / 10000
-        return {"centroid_start": round(7000 * r), "centroid_every": max(10, round(200 * r)),
-                "gate_warmup": round(3000 * r)}
+        every = max(10, round(200 * r))
+        return {"centroid_start": round(7000 * r), "centroid_every": every,
+                "centroid_lag": min(every, max(1, round(100 * r))), "gate_warmup": round(3000 * r)}
 
 
 class PepeContrastModel(PepeSplatfactoModel):
@@ -221,8 +236,13 @@ class PepeContrastModel(PepeSplatfactoModel):
         self.scale_gate = ScaleGate(dim=cfg.feature_dim, hidden=cfg.gate_hidden, init=cfg.gate_init,
                                     band_half_width=cfg.gate_band_half_width)
         self.register_buffer("knn", self._build_knn(geometry["means"]), persistent=True)
-        self.bank_upper = CentroidBank(cfg.feature_dim)
-        self.bank_lower = CentroidBank(cfg.feature_dim)
+        bound = dict(max_size=cfg.centroid_max_size or None, stale_after=cfg.centroid_stale_after or None)
+        self.bank_upper = CentroidBank(cfg.feature_dim, **bound)
+        self.bank_lower = CentroidBank(cfg.feature_dim, **bound)
+        self._centroid_captures: List[Tuple[int, Tensor, Tensor]] = []  # (step, features [n, D], valid [n])
+        self._centroid_due: List[int] = []  # merge step of each refresh being clustered, oldest first
+        self._cluster_worker = None
+        self._centroid_gen: Optional[torch.Generator] = None
         self.register_buffer("centroids_upper", torch.zeros(0, cfg.feature_dim))
         self.register_buffer("centroids_lower", torch.zeros(0, cfg.feature_dim))
         self._sample_gen = torch.Generator().manual_seed(0)
@@ -451,15 +471,14 @@ class PepeContrastModel(PepeSplatfactoModel):
             fq = F.reshape(-1, D)[pp.q]
             losses["perception_loss"] = cfg.lambda_p * L.perception_loss(Fp * g, fq * g, pp.sim, pp.dis)
 
+        self._refresh_centroids(F.detach(), covered)  # capture / start / merge on their steps, else nothing
         if self._centroids_active():
-            if (self.step - cfg.centroid_start) % max(cfg.centroid_every, 1) == 0:
-                self._refresh_centroids(F.detach(), covered)
             g1, g0 = self._train_gate(1.0), self._train_gate(0.0)
             lc = Fp.sum() * 0
-            if cfg.lambda_c_upper > 0 and len(self.bank_upper):
-                lc = lc + cfg.lambda_c_upper * self.bank_upper.loss(Fp * g1, cfg.centroid_tau)
-            if cfg.lambda_c_lower > 0 and len(self.bank_lower):
-                lc = lc + cfg.lambda_c_lower * self.bank_lower.loss(Fp * g0, cfg.centroid_tau)
+            if cfg.lambda_c_upper > 0 and self.centroids_upper.shape[0]:
+                lc = lc + cfg.lambda_c_upper * L.centroid_pull_loss(Fp * g1, self.centroids_upper, cfg.centroid_tau)
+            if cfg.lambda_c_lower > 0 and self.centroids_lower.shape[0]:
+                lc = lc + cfg.lambda_c_lower * L.centroid_pull_loss(Fp * g0, self.centroids_lower, cfg.centroid_tau)
             losses["centroid_loss"] = lc
 
         if cfg.lambda_norm > 0:
@@ -483,21 +502,74 @@ class PepeContrastModel(PepeSplatfactoModel):
         cfg = self.config
         return self.training and (cfg.lambda_c_upper > 0 or cfg.lambda_c_lower > 0) and self.step >= cfg.centroid_start
 
+    def centroid_schedule(self) -> Tuple[int, int, int, int]:
+        """``(first, every, lag, views)``: refresh ``r >= 0`` captures views at steps ``t - views + 1 .. t`` with
+        ``t = first + r * every``, starts their clustering at ``t`` and merges the centres at ``t + lag``
+        (``first = centroid_start - lag``, so the first merge is at ``centroid_start``)."""
+        cfg = self.config
+        every = max(int(cfg.centroid_every), 1)
+        lag = max(int(cfg.centroid_lag), 0)
+        return int(cfg.centroid_start) - lag, every, lag, max(1, min(int(cfg.centroid_views), every))
+
     @torch.no_grad()
     def _refresh_centroids(self, F: Tensor, covered: Tensor) -> None:
-        """HDBSCAN on this view's rendered features at s = 1 and s = 0; merge the centres into the global sets."""
-        from pepeseg3d_ns.contrast.cluster import cluster_features
+        """The centroid refresh's part of a training step, from the rendered features ``F [H, W, D]`` (ungated,
+        detached) and the pixels in a mask with a known scale ``covered bool [H, W]``:
+
+        * on a capture step, keep a random subsample of this view's covered pixels (on the device, no read-back);
+        * on a start step, gate the captured pixels at ``s = 1`` and ``s = 0``, copy them to the host (the
+          refresh's one read-back) and hand them to the clustering worker (:class:`~pepeseg3d_ns.contrast.cluster.
+          ClusterWorker`: a background process, or inline);
+        * on a merge step, wait for that refresh's centres (normally long done) and merge them into ``U`` / ``L``.
+
+        Steps are those of :meth:`centroid_schedule`, so training is deterministic whatever the worker's speed.
+        """
+        cfg = self.config
+        if not self.training or not (cfg.lambda_c_upper > 0 or cfg.lambda_c_lower > 0):
+            return
+        first, every, lag, views = self.centroid_schedule()
+        to_start = (first - self.step) % every  # steps until the next start
+        if self.step >= first - views + 1 and to_start < views:
+            self._capture_centroid_view(F, covered, views)
+            if to_start == 0:
+                self._start_centroid_refresh(views)
+        while self._centroid_due and self._centroid_due[0] <= self.step:
+            self._centroid_due.pop(0)
+            self._merge_centroid_refresh()
+
+    def _capture_centroid_view(self, F: Tensor, covered: Tensor, views: int) -> None:
+        H, W, D = F.shape
+        n = min(H * W, -(-int(self.config.cluster_max_points) // views))
+        if self._centroid_gen is None or self._centroid_gen.device != F.device:
+            self._centroid_gen = torch.Generator(device=F.device).manual_seed(0)
+        keys = torch.rand(H * W, generator=self._centroid_gen, device=F.device) + (~covered.flatten()).float() * 2
+        pick = torch.topk(keys, n, largest=False, sorted=False).indices  # n random covered pixels, if there are n
+        self._centroid_captures = [c for c in self._centroid_captures if c[0] > self.step - views]
+        self._centroid_captures.append((self.step, F.reshape(-1, D)[pick], covered.flatten()[pick]))
+
+    def _start_centroid_refresh(self, views: int) -> None:
+        from pepeseg3d_ns.contrast.cluster import ClusterWorker
 
         cfg = self.config
-        feats = F[covered]
-        if feats.shape[0] < cfg.cluster_min_size:
+        caps = [c for c in self._centroid_captures if c[0] > self.step - views]
+        self._centroid_captures = []
+        feats = torch.cat([c[1] for c in caps])
+        gated = feats[None] * torch.stack([self.gate(1.0)[0], self.gate(0.0)[0]])[:, None]  # [2, n, D]
+        gated, valid = gated.float().cpu(), torch.cat([c[2] for c in caps]).cpu()  # the refresh's read-back
+        x = gated[:, valid].numpy()
+        if x.shape[1] < cfg.cluster_min_size:
             return
-        for s, bank, name in ((1.0, self.bank_upper, "centroids_upper"), (0.0, self.bank_lower, "centroids_lower")):
-            gated = feats * self.gate(s)
-            result = cluster_features(gated, min_cluster_size=cfg.cluster_min_size, max_points=cfg.cluster_max_points,
-                                      seed=self.step)
-            if result.centroids.shape[0]:
-                bank.update(result.centroids.to(bank.device), delta=cfg.centroid_delta, momentum=cfg.centroid_momentum)
+        if self._cluster_worker is None:
+            self._cluster_worker = ClusterWorker(cfg.centroid_worker)
+        kw = dict(min_cluster_size=cfg.cluster_min_size, max_points=cfg.cluster_max_points, seed=self.step)
+        self._cluster_worker.submit([(x[0], kw), (x[1], kw)])
+        self._centroid_due.append(self.step + max(int(cfg.centroid_lag), 0))
+
+    def _merge_centroid_refresh(self) -> None:
+        cfg = self.config
+        upper, lower = self._cluster_worker.collect()
+        for cents, bank, name in ((upper, self.bank_upper, "centroids_upper"), (lower, self.bank_lower, "centroids_lower")):
+            bank.update(torch.from_numpy(cents).to(bank.device), delta=cfg.centroid_delta, momentum=cfg.centroid_momentum)
             setattr(self, name, bank.to_tensor().to(self.device))
 
     # ------------------------------------------------------------------ evaluation

@@ -20,7 +20,10 @@ with Adam (lr 0.0025) on ``model.get_param_groups()``. Three kinds of step are t
 
 * ``plain``: before ``centroid_start`` (Lm + Lp + L2D);
 * ``lc``: after the centroid sets exist, not a refresh step (adds the centroid pull loss);
-* ``refresh``: a refresh step (adds HDBSCAN at s = 1 and s = 0 on at most ``cluster_max_points`` = 5000 pixels).
+* ``refresh``: a refresh's start step (its views' pixels gated at s = 1 and s = 0 and handed to the clustering
+  worker, which runs HDBSCAN on at most ``cluster_max_points`` = 5000 pixels in a background process); the step that
+  merges its centres ``centroid_lag`` = 10 steps later is timed as ``merge`` (JSON rows only), with the steps in
+  between run untimed as in training.
 
 Each configuration (size, resolution, thread count) runs in a fresh Python process with ``OMP_NUM_THREADS``,
 ``MKL_NUM_THREADS`` and ``NUMBA_NUM_THREADS`` set before torch is imported. Before anything is measured the child
@@ -220,6 +223,7 @@ def build_model(checkpoint: Path, device: str = "cpu", centroid_start: int = 100
             return out
 
     config_overrides.setdefault("gate_warmup", 0)  # a timed step includes the gate's backward
+    config_overrides.setdefault("centroid_lag", 10)  # the demo's scaled schedule (100 of 10k steps)
     cfg = PepeContrastModelConfig(recon_checkpoint=Path(checkpoint), centroid_start=centroid_start,
                                   centroid_every=centroid_every, **config_overrides)
     cfg._target = _TimedKnnModel
@@ -288,7 +292,9 @@ _PROFILED = {
     "loss: Lm": ("pepeseg3d_ns.contrast.losses", "scale_contrastive_loss"),
     "loss: Lp": ("pepeseg3d_ns.contrast.losses", "perception_loss"),
     "loss: L2D": ("pepeseg3d_ns.contrast.losses", "norm_regulariser"),
-    "HDBSCAN (cluster_features)": ("pepeseg3d_ns.contrast.cluster", "cluster_features"),
+    "HDBSCAN (cluster_features)": ("pepeseg3d_ns.contrast.cluster", "cluster_features"),  # inline worker only
+    "centroid refresh: start": ("pepeseg3d_ns.contrast.model", "PepeContrastModel._start_centroid_refresh"),
+    "centroid refresh: merge": ("pepeseg3d_ns.contrast.model", "PepeContrastModel._merge_centroid_refresh"),
 }
 _BACKWARD_NODES = {"knn smoothing bwd": "_SparseApplyBackward", "compositing bwd": "_RasterizeToPixelsCPUBackward"}
 _PHASES = ("step: forward", "step: loss", "step: backward", "step: optimizer")
@@ -433,22 +439,43 @@ def _worker(cfg: dict) -> dict:
                             (torch.cuda.max_memory_allocated() - step_base)) / 2**20
     row.update({f"plain_{k}_s": v for k, v in plain.items()})
 
-    # refresh steps (HDBSCAN at s=1 and s=0): one warm-up (numba compile / cache load), then the timed ones
-    train_step(model, opt, camera, batch, c0)
-    refresh = _time_steps(model, opt, camera, batch, [c0 + every * (i + 1) for i in range(repeats)])
-    row.update({f"refresh_{k}_s": v for k, v in refresh.items()})
+    # refresh steps: capture the views of the steps before a start step (untimed), time the start step, run the
+    # steps up to the merge untimed (the worker clusters meanwhile), time the merge step; the first refresh warms up
+    first, every, lag, views = model.centroid_schedule()
+    starts = [first + every * (i + 1) for i in range(repeats + 2)]
+    timed = {"refresh": [], "merge": []}
+    for i, t in enumerate(starts[:-1]):
+        for s in range(t - views + 1, t):
+            train_step(model, opt, camera, batch, s)
+        r = train_step(model, opt, camera, batch, t)
+        for s in range(t + 1, t + lag):
+            train_step(model, opt, camera, batch, s)
+        m = train_step(model, opt, camera, batch, t + lag) if lag else r
+        if i:
+            timed["refresh"].append(r)
+            timed["merge"].append(m)
+    for kind, parts in timed.items():
+        row.update({f"{kind}_{k}_s": _median([p[k] for p in parts])
+                    for k in ("forward", "loss", "backward", "optimizer", "total")})
     row["centroids"] = [len(model.bank_upper), len(model.bank_lower)]
 
-    # steps with the centroid loss active but no refresh
-    last = c0 + every * repeats  # the last refresh step
-    no_refresh = [s for s in range(last + 1, last + 1 + 2 * (repeats + 2)) if (s - c0) % every][: repeats + 2]
-    train_step(model, opt, camera, batch, no_refresh[0])
-    lc = _time_steps(model, opt, camera, batch, no_refresh[1: 1 + repeats])
+    # steps with the centroid loss active but no capture, start or merge
+    last = starts[-2] + lag
+    quiet = [s for s in range(last + 1, last + every) if (first - s) % every >= views and (first + lag - s) % every]
+    quiet = (quiet * (repeats + 2))[: repeats + 2]  # (a step number may repeat: the model only reads the schedule)
+    train_step(model, opt, camera, batch, quiet[0])
+    lc = _time_steps(model, opt, camera, batch, quiet[1: 1 + repeats])
     row.update({f"lc_{k}_s": v for k, v in lc.items()})
 
     if cfg.get("profile"):
+        t = starts[-1]
+        for s in range(t - views + 1, t):
+            train_step(model, opt, camera, batch, s)
         row["profile"] = {"plain": _profiled_step(model, opt, camera, batch, 1 + repeats),
-                          "refresh": _profiled_step(model, opt, camera, batch, last + every)}
+                          "refresh": _profiled_step(model, opt, camera, batch, t)}
+        for s in range(t + 1, t + lag):
+            train_step(model, opt, camera, batch, s)
+        row["profile"]["merge"] = _profiled_step(model, opt, camera, batch, t + lag)
     row["rss_base_mib"] = rss0 / 2**20
     if device == "cpu":
         row["peak_mib"] = (_maxrss_bytes() - rss0) / 2**20
