@@ -55,6 +55,13 @@ def check_scale(flag: str, value) -> float:
 
 def check_threshold(flag: str, value) -> float:
     """A cosine-similarity threshold in [-1, 1] (a cosine never exceeds 1, so a larger one selects nothing)."""
+    try:
+        above = float(value) > 1.0
+    except (TypeError, ValueError):
+        above = False
+    if above:
+        raise UserError(f"{flag} {value}: a cosine similarity is at most 1, so nothing would be selected; give a "
+                        "value in [-1, 1] (e.g. 0.7)")
     return check_number(flag, value, -1.0, 1.0, "a cosine similarity (e.g. 0.7)")
 
 
