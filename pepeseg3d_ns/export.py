@@ -46,6 +46,8 @@ def write_splat_ply(path: Path, gauss_params: Dict[str, Tensor], selection: Opti
         if idx.shape[0] != n:
             raise ValueError(f"selection has {idx.shape[0]} entries for {n} Gaussians")
         idx = torch.nonzero(idx).flatten()
+    if len(idx) == 0:
+        raise EmptySelectionError(f"nothing written to {path}: the selection is empty")
     get = lambda k: gauss_params[k].detach().cpu().float()[idx]  # noqa: E731
     rest = get("features_rest")
     cols = [get("means"), torch.zeros(len(idx), 3), get("features_dc"),
@@ -53,8 +55,7 @@ def write_splat_ply(path: Path, gauss_params: Dict[str, Tensor], selection: Opti
     data = torch.cat(cols, dim=1).numpy()
     data = data[np.isfinite(data).all(1)]
     if data.shape[0] == 0:
-        why = "the selection is empty" if len(idx) == 0 else f"all {len(idx)} selected Gaussians have NaN/inf parameters"
-        raise EmptySelectionError(f"nothing written to {path}: {why}")
+        raise EmptySelectionError(f"nothing written to {path}: all {len(idx)} selected Gaussians have NaN/inf parameters")
     names = splat_ply_properties(rest.shape[1])
     arr = np.empty(data.shape[0], dtype=[(nm, "f4") for nm in names])
     for i, nm in enumerate(names):

@@ -72,6 +72,13 @@ class UnsafeConfigError(UserError):
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (``errno`` is ``ENOSPC`` for a full disk); nothing was left behind."""
 
+    def __init__(self, message: str, code: Optional[int] = None, filename: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.errno, self.filename = message, code, filename
+
+    def __str__(self) -> str:
+        return self.message
+
 
 # ---------------------------------------------------------------------------------------------- config.yml
 def _within(module: str, packages) -> bool:
@@ -316,13 +323,11 @@ def save_checkpoint_atomic(state: Dict, path, save: Optional[Callable] = None) -
             out = CheckpointWriteError(
                 f"disk full while writing checkpoint {path} (needs about {needed / 2**20:.0f} MiB; "
                 f"{'?' if free is None else f'{free / 2**20:.0f}'} MiB free on that disk): nothing was saved for this "
-                f"step and no partial file is left; free some space, then resume with --load-dir {path.parent}")
-            out.errno = errno.ENOSPC
-            out.filename = str(path)
+                f"step and no partial file is left; free some space, then resume with --load-dir {path.parent}",
+                errno.ENOSPC, str(path))
         else:
             out = CheckpointWriteError(f"could not write checkpoint {path} ({type(err).__name__}: {err}); "
-                                       "no partial file is left")
-            out.filename = str(path)
+                                       "no partial file is left", getattr(err, "errno", None), str(path))
         raise out from err
     return path
 
