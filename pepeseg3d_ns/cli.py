@@ -314,17 +314,19 @@ COMMANDS = {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "r
 
 
 def entrypoint(args: Optional[List[str]] = None) -> None:
-    """Console script ``pepeseg3d``: a :class:`~pepeseg3d_ns.errors.UserError` is one line on stderr and exit
-    status 2; other exceptions keep their traceback."""
+    """Console script ``pepeseg3d``: a :class:`~pepeseg3d_ns.errors.UserError` (or a checkpoint that could not be
+    written, e.g. a full disk) is one line on stderr and exit status 2; other exceptions keep their traceback."""
     import sys
 
     cmd = tyro.extras.subcommand_cli_from_dict(
         COMMANDS, args=args, description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
     )
+    from pepeseg3d_ns.runs import CheckpointWriteError
+
     name = next((k for k, v in COMMANDS.items() if isinstance(cmd, v)), "")
     try:
         cmd.main()
-    except UserError as err:
+    except (UserError, CheckpointWriteError) as err:  # bad input; a full disk while the demo saves a checkpoint
         print(f"pepeseg3d {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
