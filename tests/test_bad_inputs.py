@@ -256,7 +256,7 @@ def test_spinnerf_parser_refuses_a_nan_pose(spin, tmp_path):
     (["segment", "--click", "-3", "1"], "--click"),
     (["decompose", "--max-views", "0"], "--max-views 0"),
     (["decompose", "--scales", "0.5", "inf"], "--scales inf"),
-    (["scales", "--min-alpha", "nan"], "--min-alpha nan"),
+    (["segment", "--click", "1", "1", "--view", "-1"], "--view -1"),
 ])
 def test_cli_arguments_checked_before_any_work(args, flag, capsys, tmp_path, monkeypatch):
     import pepeseg3d_ns.runs as runs
@@ -394,7 +394,7 @@ def test_malicious_config_never_runs(recon_run, tmp_path, kind, capsys):
     with pytest.raises(UnsafeConfigError):
         make_contrast_config(cfg, tmp_path / "out", steps=10, device="cpu")
     assert str(cfg) in _run_cli(["check-run", "--load-config", cfg], capsys)
-    assert str(cfg) in _run_cli(["scales", "--load-config", cfg], capsys)
+    assert str(cfg) in _run_cli(["decompose", "--load-config", cfg], capsys)
     assert not marker.exists()
     if kind == "apply":  # the control: nerfstudio's loader (ns-viewer, ns-eval) does run it
         yaml.load(cfg.read_text(), Loader=yaml.Loader)
