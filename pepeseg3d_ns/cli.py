@@ -1,7 +1,10 @@
-"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``demo``, ``bench-render``, ``bench-priors``.
+"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``demo``, ``segment``, ``decompose``, ``benchmark``,
+``check-run``, ``bench-*``.
 
 Each subcommand is a small dataclass parsed by tyro (``pepeseg3d SUBCOMMAND --help`` lists its options).
-Heavy imports happen inside the subcommands so ``pepeseg3d --help`` stays fast.
+Heavy imports happen inside the subcommands so ``pepeseg3d --help`` stays fast. Each checks its arguments
+before any work; bad input (a :class:`~pepeseg3d_ns.errors.UserError`) is printed as one line
+``pepeseg3d SUBCOMMAND: error: ...`` with exit status 2, anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing_extensions import Annotated
 import tyro
 
 from pepeseg3d_ns.contrast.step_bench import BenchContrast
+from pepeseg3d_ns.errors import UserError, check_all, check_count, check_file, check_number, check_threshold
 from pepeseg3d_ns.priors.cli import Priors
 
 
@@ -41,6 +45,8 @@ class Synth:
         from pepeseg3d_ns.data.preview import scene_preview
         from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
 
+        check_count("--n-views", self.n_views)
+        check_count("--resolution", self.resolution, minimum=4)
         out = generate_scene(
             SynthConfig(
                 scene=self.scene, output_dir=self.output_dir, n_views=self.n_views, resolution=self.resolution,
@@ -73,6 +79,11 @@ class Demo:
     def main(self) -> None:
         from pepeseg3d_ns.demo import run_demo
 
+        check_count("--resolution", self.resolution, minimum=4)
+        check_count("--n-views", self.n_views, minimum=2)
+        check_count("--steps", self.steps)
+        check_count("--contrast-steps", self.contrast_steps, minimum=0)
+
         run_demo(**dataclasses.asdict(self))
 
 
@@ -94,6 +105,11 @@ class ReconAblation:
 
     def main(self) -> None:
         from pepeseg3d_ns.recon.ablation import format_ablation, run_recon_ablation
+
+        check_count("--resolution", self.resolution, minimum=4)
+        check_count("--n-views", self.n_views, minimum=2)
+        check_count("--steps", self.steps)
+        check_count("--band", self.band, minimum=0)
 
         print(format_ablation(run_recon_ablation(**dataclasses.asdict(self))))
 
@@ -173,6 +189,14 @@ class Benchmark:
     def main(self) -> None:
         from pepeseg3d_ns.eval.benchmark import BenchmarkSettings, format_table, run_benchmark
 
+        check_count("--resolution", self.resolution, minimum=4)
+        check_count("--n-views", self.n_views, minimum=2)
+        check_count("--recon-steps", self.recon_steps)
+        check_count("--contrast-steps", self.contrast_steps)
+        check_threshold("--threshold", self.threshold)
+        if self.data is not None and not self.data.is_dir():
+            raise UserError(f"--data {self.data}: not a folder (expected a scene folder with its priors cache)")
+
         settings = BenchmarkSettings(self.resolution, self.n_views, self.recon_steps, self.contrast_steps, self.device,
                                      self.seed, self.threshold)
         results = run_benchmark(self.output_dir, self.scenes, settings, self.rows, self.data, self.dataparser)
@@ -198,6 +222,11 @@ class BenchRender:
     def main(self) -> None:
         from pepeseg3d_ns.render.bench import run_render_benchmark
 
+        check_all("--gaussians", self.gaussians, check_count)
+        check_all("--resolutions", self.resolutions, check_count)
+        check_all("--channels", self.channels, check_count)
+        check_count("--repeats", self.repeats)
+
         run_render_benchmark(**dataclasses.asdict(self))
 
 
@@ -220,19 +249,53 @@ class BenchPriors:
     def main(self) -> None:
         from pepeseg3d_ns.priors.bench import run_priors_benchmark
 
+        check_count("--repeats", self.repeats)
+        check_count("--points-per-side", self.points_per_side)
+
         run_priors_benchmark(**dataclasses.asdict(self))
 
 
-def entrypoint() -> None:
-    """Console script ``pepeseg3d``."""
+@dataclass
+class CheckRun:
+    """Check a run folder from someone else before opening it: its config.yml loads with the restricted loader
+    (no Python object outside nerfstudio / pepeseg3d_ns configs) and its latest checkpoint with weights_only=True.
+    ns-viewer / ns-eval use nerfstudio's own, unrestricted loader: check a shared run here first."""
+
+    load_config: Path
+    """config.yml of the run."""
+
+    def main(self) -> None:
+        from pepeseg3d_ns.runs import latest_checkpoint, load_checkpoint, load_run_config
+
+        config = load_run_config(self.load_config)
+        beside = Path(self.load_config).parent / config.relative_model_dir
+        ckpt = latest_checkpoint(beside if beside.is_dir() else config.get_checkpoint_dir())
+        state = load_checkpoint(ckpt, what=f"{config.method_name} checkpoint")
+        print(f"{self.load_config}: {config.method_name} run; config.yml builds only config classes; {ckpt} holds "
+              f"tensors only (step {state.get('step')})")
+
+
+COMMANDS = {"synth": Synth, "priors": Priors, "demo": Demo, "recon-ablation": ReconAblation,
+            "segment": Segment, "decompose": Decompose, "benchmark": Benchmark, "check-run": CheckRun,
+            "bench-render": BenchRender, "bench-contrast": BenchContrast, "bench-priors": BenchPriors}
+
+
+def entrypoint(args: Optional[List[str]] = None) -> None:
+    """Console script ``pepeseg3d``: a :class:`~pepeseg3d_ns.errors.UserError` (or a checkpoint that could not be
+    written, e.g. a full disk) is one line on stderr and exit status 2; other exceptions keep their traceback."""
+    import sys
+
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {"synth": Synth, "priors": Priors, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment, "decompose": Decompose,
-         "benchmark": Benchmark,
-         "bench-render": BenchRender, "bench-contrast": BenchContrast,
-         "bench-priors": BenchPriors},
-        description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
+        COMMANDS, args=args, description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
     )
-    cmd.main()
+    from pepeseg3d_ns.runs import CheckpointWriteError
+
+    name = next((k for k, v in COMMANDS.items() if isinstance(cmd, v)), "")
+    try:
+        cmd.main()
+    except (UserError, CheckpointWriteError) as err:  # bad input; a full disk while the demo saves a checkpoint
+        print(f"pepeseg3d {name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

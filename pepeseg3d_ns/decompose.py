@@ -71,23 +71,28 @@ def run_decompose(load_config: Path, scales: Sequence[float] = (0.1, 0.5, 0.9), 
     """Load a pepe-contrast run, decompose up to ``max_views`` evenly spaced views of ``split`` at each scale and
     write ``<output_dir>/s<scale>/<image>.png`` plus ``contact_sheet.png`` (rows: views; columns: RGB, then one
     decomposition per scale in the order given). Returns a summary with cluster counts per scale."""
-    from pepeseg3d_ns.trainer import load_run
     from tqdm import tqdm
 
     from pepeseg3d_ns.contrast.query import render_view
     from pepeseg3d_ns.data.preview import save_grid
+    from pepeseg3d_ns.errors import UserError, check_all, check_count, check_file, check_scale
+    from pepeseg3d_ns.runs import eval_setup
 
-    for s in scales:
-        if not 0.0 <= s <= 1.0:
-            raise ValueError(f"scales must be in [0, 1], got {s}")
-    _, pipeline, _, _ = load_run(Path(load_config), test_mode="test")
+    check_file("--load-config", load_config, "config.yml of a pepe-contrast run")
+    scales = check_all("--scales", scales, check_scale)
+    max_views = check_count("--max-views", max_views)
+    if split not in ("train", "eval"):
+        raise UserError(f"--split {split}: must be train or eval")
+    _, pipeline, _, _ = eval_setup(Path(load_config), test_mode="test")
     _ = pipeline.datamanager.cached_train if split == "train" else pipeline.datamanager.cached_eval  # undistorted views
     model = pipeline.model
     if not hasattr(model, "gaussian_features"):
-        raise ValueError(f"{load_config} is not a pepe-contrast run")
+        raise UserError(f"--load-config {load_config} is not a pepe-contrast run (its model has no Gaussian features)")
     pipeline.eval()
     dataset = pipeline.datamanager.eval_dataset if split == "eval" else pipeline.datamanager.train_dataset
-    n = len(dataset.cameras)
+    n = len(dataset.cameras) if dataset is not None else 0
+    if n == 0:
+        raise UserError(f"--split {split}: the run has no {split} views to decompose")
     idx = sorted(set(np.linspace(0, n - 1, min(max_views, n)).round().astype(int).tolist()))
     names = [Path(dataset.image_filenames[i]).stem for i in idx]
     views, rgbs = [], []

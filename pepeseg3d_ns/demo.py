@@ -64,13 +64,12 @@ def make_contrast_config(recon_config: Path, output_dir: Path, steps: int, devic
                          timestamp: str = "demo"):
     """A ``pepe-contrast`` TrainerConfig for a ``steps``-iteration run on the geometry (and scene) of the pepe-recon
     run ``recon_config``; the schedule (centroid loss from 0.7 x steps) follows ``steps``."""
-    import yaml
-
     from pepeseg3d_ns.methods import pepe_contrast
+    from pepeseg3d_ns.runs import load_run_config
     from pepeseg3d_ns.schedule import scale_schedule
     from pepeseg3d_ns.trainer import inherit_image_settings
 
-    recon = yaml.load(Path(recon_config).read_text(), Loader=yaml.Loader)
+    recon = load_run_config(Path(recon_config))
     data = Path(recon.pipeline.datamanager.data or recon.data)
     config = copy.deepcopy(pepe_contrast.config)
     config.pipeline.model.recon_checkpoint = Path(recon_config)
@@ -99,7 +98,7 @@ def evaluate_segmentation(config_path: Path, threshold: float = 0.7, max_objects
                           progress: bool = True) -> Dict:
     """Label propagation (:mod:`pepeseg3d_ns.eval.propagation`) on a finished pepe-contrast run: the summary
     (``overall`` / ``per_level`` mIoU, mAcc, mBIoU) and the per-object choices."""
-    from nerfstudio.utils.eval_utils import eval_setup
+    from pepeseg3d_ns.runs import eval_setup
 
     from pepeseg3d_ns.eval.propagation import PropagationConfig, propagate_labels
 
@@ -116,7 +115,7 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 def evaluate_run(config_path: Path, picture: Optional[Path] = None, n_views: int = 3) -> Dict[str, float]:
     """Load a finished run like ``ns-eval`` does, average PSNR/SSIM over every held-out view, and optionally save
     a picture: one row per held-out view with ground truth | render | rendered depth."""
-    from nerfstudio.utils.eval_utils import eval_setup
+    from pepeseg3d_ns.runs import eval_setup
 
     from pepeseg3d_ns.data.preview import colorize_depth, save_grid
 

@@ -18,6 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pepeseg3d_ns.errors import UserError
+
+
+class EmptySelectionError(UserError):
+    """Nothing would be exported: the selection holds no Gaussian (with finite parameters). No file is written."""
+
 
 def splat_ply_properties(n_rest: int) -> list[str]:
     """Property names of the PLY for ``n_rest`` higher-order SH bases per colour channel."""
@@ -30,7 +36,8 @@ def write_splat_ply(path: Path, gauss_params: Dict[str, Tensor], selection: Opti
     """Write the Gaussians (raw parameters as splatfacto stores them: ``means [N, 3]``, ``features_dc [N, 3]``,
     ``features_rest [N, K, 3]``, ``opacities [N, 1]`` logits, ``scales [N, 3]`` logs, ``quats [N, 4]`` wxyz),
     restricted to ``selection`` (``bool [N]`` or indices; None = all), as a binary little-endian 3DGS PLY.
-    Gaussians with a non-finite parameter are dropped. Returns the number written."""
+    Gaussians with a non-finite parameter are dropped. Returns the number written; :class:`EmptySelectionError`
+    (and no file) when that number would be 0."""
     from plyfile import PlyData, PlyElement
 
     n = gauss_params["means"].shape[0]
@@ -39,12 +46,16 @@ def write_splat_ply(path: Path, gauss_params: Dict[str, Tensor], selection: Opti
         if idx.shape[0] != n:
             raise ValueError(f"selection has {idx.shape[0]} entries for {n} Gaussians")
         idx = torch.nonzero(idx).flatten()
+    if len(idx) == 0:
+        raise EmptySelectionError(f"nothing written to {path}: the selection is empty")
     get = lambda k: gauss_params[k].detach().cpu().float()[idx]  # noqa: E731
     rest = get("features_rest")
     cols = [get("means"), torch.zeros(len(idx), 3), get("features_dc"),
             rest.transpose(1, 2).reshape(len(idx), -1), get("opacities").reshape(-1, 1), get("scales"), get("quats")]
     data = torch.cat(cols, dim=1).numpy()
     data = data[np.isfinite(data).all(1)]
+    if data.shape[0] == 0:
+        raise EmptySelectionError(f"nothing written to {path}: all {len(idx)} selected Gaussians have NaN/inf parameters")
     names = splat_ply_properties(rest.shape[1])
     arr = np.empty(data.shape[0], dtype=[(nm, "f4") for nm in names])
     for i, nm in enumerate(names):
@@ -57,10 +68,13 @@ def write_splat_ply(path: Path, gauss_params: Dict[str, Tensor], selection: Opti
 
 def save_selection(out_dir: Path, model, selected: Tensor, meta: Optional[dict] = None) -> Dict[str, Path]:
     """Write ``selection.ply`` (the selected Gaussians), ``selection_indices.npy`` (``int64 [S]`` indices into the
-    checkpoint's Gaussians) and ``selection.json`` (count, query settings in ``meta``) into ``out_dir``."""
+    checkpoint's Gaussians) and ``selection.json`` (count, query settings in ``meta``) into ``out_dir``.
+    An empty selection writes nothing (not even ``out_dir``) and raises :class:`EmptySelectionError`."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     idx = torch.nonzero(selected.cpu()).flatten().numpy().astype(np.int64)
+    if idx.size == 0:
+        raise EmptySelectionError(f"nothing exported to {out_dir}: the selection holds no Gaussian")
+    out_dir.mkdir(parents=True, exist_ok=True)
     ply = out_dir / "selection.ply"
     count = write_splat_ply(ply, model.gauss_params, torch.from_numpy(idx))
     np.save(out_dir / "selection_indices.npy", idx)

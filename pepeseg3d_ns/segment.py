@@ -50,26 +50,51 @@ def run_segment(load_config: Path, clicks: Sequence[Tuple[float, float]], view: 
     """Load a pepe-contrast run, query at ``clicks`` of training view ``view`` and write into ``output_dir``:
     ``selection.ply`` / ``selection_indices.npy`` / ``selection.json`` (3D), ``masks/<image>.png`` for every
     training view (or only ``view`` when ``all_views`` is False) and ``overlay.png`` of the clicked view.
-    Returns a summary dict (counts and paths)."""
-    from pepeseg3d_ns.trainer import load_run
+    Returns a summary dict (counts and paths).
+
+    Bad arguments are a :class:`~pepeseg3d_ns.errors.UserError` naming the flag, raised before the run is loaded;
+    an empty 3D selection is an :class:`~pepeseg3d_ns.export.EmptySelectionError` and writes nothing."""
     from PIL import Image
 
     from pepeseg3d_ns.contrast.query import query_from_pixels, render_view, segment_view, select_gaussians
-    from pepeseg3d_ns.export import save_masks, save_selection
+    from pepeseg3d_ns.errors import UserError, check_count, check_file, check_number, check_scale, check_threshold
+    from pepeseg3d_ns.export import EmptySelectionError, save_masks, save_selection
+    from pepeseg3d_ns.runs import eval_setup
 
-    _, pipeline, _, _ = load_run(Path(load_config), test_mode="test")
+    check_file("--load-config", load_config, "config.yml of a pepe-contrast run")
+    scale = check_scale("--scale", scale)
+    threshold = check_threshold("--threshold", threshold)
+    view = check_count("--view", view, minimum=0)
+    if not clicks:
+        raise UserError("--click: give at least one pixel, e.g. --click 64 40")
+    for c in clicks:
+        if len(c) != 2:
+            raise UserError(f"--click {' '.join(map(str, c))}: give two numbers X Y (column, row)")
+        for v in c:
+            check_number("--click", v, lo=0.0, what="a pixel coordinate")
+    _, pipeline, _, _ = eval_setup(Path(load_config), test_mode="test")
     model = pipeline.model
     _ = pipeline.datamanager.cached_train  # the training views as trained on: undistorted and cropped intrinsics
     if not hasattr(model, "gaussian_features"):
-        raise ValueError(f"{load_config} is not a pepe-contrast run (its model has no Gaussian features)")
+        raise UserError(f"--load-config {load_config} is not a pepe-contrast run (its model has no Gaussian features)")
     pipeline.eval()
     dataset = pipeline.datamanager.train_dataset
     cameras = dataset.cameras
     if not 0 <= view < len(cameras):
-        raise ValueError(f"--view {view} is out of range: the run has {len(cameras)} training views (0..{len(cameras) - 1})")
+        raise UserError(f"--view {view} is out of range: the run has {len(cameras)} training views (0..{len(cameras) - 1})")
+    W, H = int(cameras.width[view]), int(cameras.height[view])
+    outside = [c for c in clicks if not (int(c[0]) < W and int(c[1]) < H)]
+    if outside:
+        raise UserError(f"--click {outside[0][0]:g} {outside[0][1]:g} is outside training view {view} ({W}x{H} "
+                        "pixels; X is the column, Y the row)")
     ref = render_view(model, cameras[view : view + 1])
     queries = query_from_pixels(ref, scale, clicks)
     selected = select_gaussians(model, scale, queries, threshold)
+    if not bool(selected.any()):
+        raise EmptySelectionError(
+            f"the selection is empty: no Gaussian has cosine >= {threshold:g} (--threshold) to the clicked "
+            f"feature{'s' if len(clicks) > 1 else ''} at --scale {scale:g}; nothing was written. Lower --threshold "
+            "or click elsewhere")
     output_dir = Path(output_dir)
     meta = {"config": str(load_config), "view": view, "clicks": [list(map(float, c)) for c in clicks],
             "scale": scale, "threshold": threshold}

@@ -178,7 +178,8 @@ def test_registered_and_light_imports():
     allowed = ("__future__", "dataclasses", "pathlib", "typing", "numpy", "torch", "PIL",
                "nerfstudio.cameras", "nerfstudio.data.dataparsers.base_dataparser", "nerfstudio.data.scene_box",
                "nerfstudio.data.utils.colmap_parsing_utils", "nerfstudio.utils.rich_utils",
-               "nerfstudio.plugins.registry_dataparser", "pepeseg3d_ns.data.benchmarks", "pepeseg3d_ns.data.gt_masks")
+               "nerfstudio.plugins.registry_dataparser", "pepeseg3d_ns.data.benchmarks", "pepeseg3d_ns.data.gt_masks",
+               "pepeseg3d_ns.data.validate")  # validate: numpy, os, warnings and pepeseg3d_ns.errors only
     root = Path(pkg.__file__).parent
     for name in ("dataparser_configs.py", "benchmarks.py", "gt_masks.py"):
         tree = ast.parse((root / name).read_text())

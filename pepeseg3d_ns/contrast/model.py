@@ -56,8 +56,10 @@ GEOMETRY_KEYS = ("means", "scales", "quats", "features_dc", "features_rest", "op
 def resolve_recon_checkpoint(path: Union[str, Path, None]) -> Path:
     """The ``.ckpt`` file of a pepe-recon run given its ``config.yml``, its run folder, its ``nerfstudio_models``
     folder or the checkpoint itself (the latest step when there are several). Clear error when none exists."""
+    from pepeseg3d_ns.errors import UserError, UserFileNotFoundError
+
     if path is None:
-        raise ValueError(
+        raise UserError(
             "pepe-contrast needs the geometry of a finished pepe-recon run: pass "
             "--pipeline.model.recon-checkpoint outputs/<scene>/pepe-recon/<timestamp>/config.yml"
         )
@@ -67,7 +69,7 @@ def resolve_recon_checkpoint(path: Union[str, Path, None]) -> Path:
     folder = p.parent / "nerfstudio_models" if p.is_file() else (p if p.name == "nerfstudio_models" else p / "nerfstudio_models")
     ckpts = sorted(folder.glob("step-*.ckpt")) if folder.is_dir() else []
     if not ckpts:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"No pepe-recon checkpoint found for --pipeline.model.recon-checkpoint {path} (looked for "
             f"{folder}/step-*.ckpt). Train stage 1 first: ns-train pepe-recon --data SCENE"
         )
@@ -86,14 +88,18 @@ def load_recon_geometry(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Path
     ``{"means": [N, 3], "scales": [N, 3], "quats": [N, 4], "features_dc": [N, 3], "features_rest": [N, K, 3],
     "opacities": [N, 1]}``, the checkpoint path and its step. Gaussians with a NaN or infinite parameter are dropped
     with a warning (an error when none is left)."""
+    from pepeseg3d_ns.errors import UserError
+    from pepeseg3d_ns.runs import load_checkpoint
+
     ckpt = resolve_recon_checkpoint(path)
-    state = torch.load(ckpt, map_location="cpu")
-    pipe = state.get("pipeline", {})
+    # weights_only=True; a file that is not a checkpoint is "X is not a pepe-recon checkpoint (why)"
+    state = load_checkpoint(ckpt, what="pepe-recon checkpoint")
+    pipe = state["pipeline"]
     geometry = {}
     for key in GEOMETRY_KEYS:
         name = f"_model.gauss_params.{key}"
         if name not in pipe:
-            raise ValueError(f"{ckpt} is not a Gaussian-splatting checkpoint (no {name}); is it a pepe-recon run?")
+            raise UserError(f"{ckpt} is not a pepe-recon checkpoint (it has no {name}: another method's run?)")
         geometry[key] = pipe[name].float()
     finite = torch.ones(geometry["means"].shape[0], dtype=torch.bool)
     for t in geometry.values():
@@ -101,7 +107,7 @@ def load_recon_geometry(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Path
     if not bool(finite.all()):
         n_bad = int((~finite).sum())
         if n_bad == finite.numel():
-            raise ValueError(f"{ckpt}: every Gaussian has a NaN or infinite parameter; the pepe-recon run diverged")
+            raise UserError(f"{ckpt}: every Gaussian has a NaN or infinite parameter; the pepe-recon run diverged")
         warnings.warn(f"{ckpt}: dropping {n_bad} of {finite.numel()} Gaussians with NaN or infinite parameters "
                       "(the pepe-recon run produced them; the rest of the geometry is used as is)")
         geometry = {k: v[finite] for k, v in geometry.items()}

@@ -354,7 +354,13 @@ def _colmap_views(model_dir: Path, names: Sequence[str], stems_ok: bool) -> Tupl
 
 
 def _outputs(cfg: _BenchmarkConfig, views: _Views, indices: np.ndarray, gt: GtMasks) -> DataparserOutputs:
-    """Normalise all views' poses (nerfstudio's way), then keep ``indices``; attach ``gt`` and points."""
+    """Normalise all views' poses (nerfstudio's way), then keep ``indices``; attach ``gt`` and points. Poses must
+    be finite and not all at one position; sparse points with a NaN or inf coordinate are dropped with a warning."""
+    from pepeseg3d_ns.data.validate import check_poses, finite_points
+
+    check_poses(views.c2w, [f.name for f in views.files], Path(cfg.data), what="camera pose")
+    if views.points is not None and len(views.points[0]) > 0:
+        views.points = finite_points(views.points[0], views.points[1], Path(cfg.data) / cfg.colmap_path / "points3D")
     poses = torch.from_numpy(views.c2w.astype(np.float32))
     poses, transform = camera_utils.auto_orient_and_center_poses(
         poses, method=cfg.orientation_method, center_method=cfg.center_method

@@ -5,6 +5,10 @@ that a minimal Linux install lacks: ``import open3d`` then fails and training st
 :class:`PepeDataParserConfig` is nerfstudio's ``nerfstudio-data`` parser with ``load_3D_points=True`` and a
 ``plyfile``-based reader, so pip alone is enough.
 
+``transforms.json`` is checked before nerfstudio parses it (:func:`pepeseg3d_ns.data.validate.check_transforms`):
+frames present, poses finite and not all at one position, and no path leading outside the dataset folder unless
+``allow_outside_paths``; points of the cloud with a NaN or inf coordinate are dropped with a warning.
+
 Scenes made by :mod:`pepeseg3d_ns.data.synthetic` also get their ground truth indexed in
 ``DataparserOutputs.metadata["gt_masks"]`` (a :class:`~pepeseg3d_ns.data.gt_masks.GtMasks` of instance-id maps
 per hierarchy level), like the benchmark parsers.
@@ -95,6 +99,9 @@ class PepeDataParserConfig(NerfstudioDataParserConfig):
     _target: Type = field(default_factory=lambda: PepeDataParser)
     load_3D_points: bool = True
     """Seed the Gaussians from ``ply_file_path`` in transforms.json."""
+    allow_outside_paths: bool = False
+    """Read frame / point-cloud paths of transforms.json that lead outside the dataset folder (``../x.png``,
+    absolute paths); refused by default, since a shared transforms.json could otherwise read other files."""
 
 
 class PepeDataParser(Nerfstudio):
@@ -110,6 +117,16 @@ class PepeDataParser(Nerfstudio):
                 f"{meta} does not exist: --data must be a nerfstudio scene folder holding transforms.json "
                 "(make one with `pepeseg3d synth` or `ns-process-data`)"
             )
+        import json
+
+        from pepeseg3d_ns.data.validate import check_transforms
+        from pepeseg3d_ns.errors import UserError
+
+        try:
+            parsed = json.loads(meta.read_text(encoding="utf8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{meta} is not a readable JSON file: {err}") from None
+        check_transforms(parsed, meta, allow_outside_paths=self.config.allow_outside_paths)
         try:
             outputs = super()._generate_dataparser_outputs(split)
         except UnidentifiedImageError as err:
@@ -121,10 +138,14 @@ class PepeDataParser(Nerfstudio):
 
     def _load_3D_points(self, ply_file_path: Path, transform_matrix: torch.Tensor, scale_factor: float) -> Optional[Dict[str, torch.Tensor]]:
         """Points ``points3D_xyz [P, 3]`` in the parser's normalised world frame and ``points3D_rgb [P, 3] uint8``,
-        or None for an empty cloud (then splatfacto starts from random points)."""
+        or None for an empty cloud (then splatfacto starts from random points). Points with a NaN or inf coordinate
+        are dropped with a warning naming the file."""
+        from pepeseg3d_ns.data.validate import finite_points
+
         xyz, rgb = read_ply_points(ply_file_path)
         if xyz.shape[0] == 0:
             return None
+        xyz, rgb = finite_points(xyz, rgb, ply_file_path)
         pts = torch.from_numpy(xyz)
         pts = torch.cat([pts, torch.ones_like(pts[:, :1])], dim=-1) @ transform_matrix.T
         pts = pts * scale_factor

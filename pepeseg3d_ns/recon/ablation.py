@@ -80,7 +80,7 @@ def evaluate_geometry(config_path: Path, scene_dir: Optional[Path] = None, band:
     """Load a finished pepe-recon run (like ``ns-eval``) and average the module's metrics over its held-out
     views. ``scene_dir`` defaults to the run's data folder and must be a synthetic scene (``gt/depth``,
     ``gt/<level>``)."""
-    from nerfstudio.utils.eval_utils import eval_setup
+    from pepeseg3d_ns.runs import eval_setup
 
     from pepeseg3d_ns.data.synthetic import load_gt_depth, load_gt_masks
 

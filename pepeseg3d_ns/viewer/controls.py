@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as Fnn
 from torch import Tensor, nn
 
+from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import (
     ViewerButton,
     ViewerCheckbox,
@@ -277,8 +278,10 @@ class SegmentationPanel(nn.Module):
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: Optional[Path] = None) -> Optional[Dict[str, Path]]:
-        """Write the selection (3DGS PLY, indices, JSON) to ``out_dir`` (default ``export_dir/selection_<time>``)."""
-        from pepeseg3d_ns.export import save_selection
+        """Write the selection (3DGS PLY, indices, JSON) to ``out_dir`` (default ``export_dir/selection_<time>``).
+        Nothing is written, and None returned with the reason in :attr:`last_message`, when nothing is clicked or
+        the clicks select no Gaussian at the current scale and threshold."""
+        from pepeseg3d_ns.export import EmptySelectionError, save_selection
 
         sel = self.selected_gaussians()
         if sel is None:
@@ -286,7 +289,13 @@ class SegmentationPanel(nn.Module):
             return None
         out_dir = Path(out_dir) if out_dir is not None else self.export_dir / time.strftime("selection_%Y%m%d_%H%M%S")
         meta = {"clicks": self.clicks, "scale": self.current_scale, "threshold": self.current_threshold}
-        paths = save_selection(out_dir, self._model, sel, meta)
+        try:
+            paths = save_selection(out_dir, self._model, sel, meta)
+        except EmptySelectionError:
+            self.last_message = (f"nothing exported: no Gaussian passes similarity threshold {self.current_threshold:.2f} "
+                                 f"at scale {self.current_scale:.2f}; lower the threshold or click elsewhere")
+            CONSOLE.print(f"[yellow]{self.last_message}")
+            return None
         self.last_message = f"exported {int(sel.sum())} Gaussians to {paths['ply']}"
         return paths
 
