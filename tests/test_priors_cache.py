@@ -15,6 +15,7 @@ from PIL import Image
 from pepeseg3d_ns.data.synthetic import LEVELS, SynthConfig, generate_scene, load_gt_depth, load_gt_masks
 from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError, load_image_rgb
 from pepeseg3d_ns.priors.compute import PriorImage, compute_priors
+from pepeseg3d_ns.errors import UserError
 from pepeseg3d_ns.priors.cli import Priors
 from pepeseg3d_ns.priors.masks import MaskSet
 from pepeseg3d_ns.priors.simulated import SimulatedDepthSource, SimulatedSamSource
@@ -477,11 +478,11 @@ def test_cli_real_without_checkpoint(scene):
     meta = json.loads(tf.read_text())
     meta.pop("pepe_synthetic")
     tf.write_text(json.dumps(meta))
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(UserError) as exc:
         Priors(data=scene, device="cpu", progress=False).main()
-    assert "--sam-checkpoint" in str(exc.value.code)
+    assert "--sam-checkpoint" in str(exc.value)
     assert not list((scene / "pepe_priors" / "entries").glob("*.json"))
-    with pytest.raises(SystemExit, match="pepe_synthetic"):
+    with pytest.raises(UserError, match="pepe_synthetic"):
         Priors(data=scene, simulated=True, progress=False).main()
 
 
@@ -502,7 +503,7 @@ def test_cli_real_sources_with_tiny_models(scene, tmp_path):
     assert e["depth"]["source"]["name"] == "depth-anything-v2"
     pri = cache.load(cache.keys()[0])
     assert pri.masks.shape == (RES, RES) and pri.depth.shape == (RES, RES)
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         Priors(data=scene, **{**kw, "sam_checkpoint": tmp_path / "nope.pth"}).main()
 
 
@@ -533,7 +534,7 @@ def test_export_images_then_import_own_priors(scene, tmp_path, capsys):
     # a mask file of another size names the expected size and the export command
     big = np.zeros((RES * 2, RES * 2), np.uint8)
     Image.fromarray(big).save(masks_dir / files[0].name)
-    with pytest.raises(SystemExit, match=f"is {2 * RES}x{2 * RES}.*{RES}x{RES}.*--export-images"):
+    with pytest.raises(UserError, match=f"is {2 * RES}x{2 * RES}.*{RES}x{RES}.*--export-images"):
         Priors(data=scene, masks_from=masks_dir, depth_from=depth_dir, progress=False).main()
 
 

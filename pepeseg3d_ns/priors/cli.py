@@ -125,22 +125,24 @@ class Priors(PriorSourcesConfig):
         from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
         from pepeseg3d_ns.priors.compute import compute_priors, datamanager_images, parse_shard
 
+        from pepeseg3d_ns.errors import UserError
+
         if self.data is None:
-            raise SystemExit("pepeseg3d priors: --data SCENE is required (the folder you give ns-train --data)")
+            raise UserError("--data SCENE is required (the folder you give ns-train --data)")
         if not Path(self.data).exists():
-            raise SystemExit(f"pepeseg3d priors: --data {self.data} does not exist")
+            raise UserError(f"--data {self.data} does not exist")
         if not self.camera_res_scale_factor > 0:
-            raise SystemExit(f"pepeseg3d priors: --camera-res-scale-factor {self.camera_res_scale_factor}: must be > 0")
+            raise UserError(f"--camera-res-scale-factor {self.camera_res_scale_factor}: must be > 0")
         try:
             shard = parse_shard(self.shard)
         except ValueError as err:
-            raise SystemExit(f"pepeseg3d priors: {err}") from None
+            raise UserError(str(err)) from None
         dm_cfg = self.datamanager_config()
         try:
             dm = dm_cfg.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
             images = datamanager_images(dm, "train")
         except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"pepeseg3d priors: {err}") from None
+            raise UserError(str(err)) from None
         if self.export_images is not None:
             self._export(images)
             return
@@ -153,7 +155,7 @@ class Priors(PriorSourcesConfig):
             stats = compute_priors(cache, images, mask_source, depth_source, force=self.force, progress=self.progress,
                                    shard=shard)
         except (FileNotFoundError, ImportError, ValueError) as err:  # PriorCacheError is a ValueError
-            raise SystemExit(f"pepeseg3d priors: {err}") from None
+            raise UserError(str(err)) from None
         for problem in stats.repaired:
             print(f"repaired: {problem}")
         mine = images[shard[0]::shard[1]]
