@@ -376,7 +376,8 @@ class ClusterWorker:
     Why a process: HDBSCAN (hdbscan's and scikit-learn's Cython code) holds the GIL, so a thread would stall the
     training step for as long as the clustering runs. The child is ``python -c ...`` importing this module (no
     re-run of the caller's ``__main__``, no fork of a process holding CUDA or OpenMP state); jobs and results are
-    pickled numpy arrays over its stdin / stdout. It starts on the first :meth:`submit` and ends with
+    numpy arrays framed by :func:`_pack` (a JSON header and raw float32 bytes; nothing is unpickled) over its
+    stdin / stdout. It starts on the first :meth:`submit` and ends with
     :meth:`close`, at the caller's exit, or when its stdin closes. Both modes compute the same numbers (the same
     function on the same CPU arrays), so a caller that collects a job at a fixed step trains identically in both.
     If the child fails, a warning is printed and the job (and every later one) runs inline.
@@ -418,7 +419,6 @@ class ClusterWorker:
 
     def submit(self, jobs: Sequence[Tuple[np.ndarray, dict]]) -> None:
         """Queue one batch of jobs (see :func:`cluster_centres`); returns at once in ``"process"`` mode."""
-        import pickle
         import threading
 
         jobs = [(np.ascontiguousarray(x, dtype=np.float32), dict(kw)) for x, kw in jobs]
@@ -426,7 +426,7 @@ class ClusterWorker:
             try:
                 if self._proc is None or self._proc.poll() is not None:
                     self._start()
-                payload = pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL)
+                payload = _pack({"kwargs": [kw for _, kw in jobs]}, [x for x, _ in jobs])
                 # a pipe write blocks while the child is still starting: leave it to a thread (it releases the GIL)
                 writer = threading.Thread(target=_write_message, args=(self._proc.stdin, payload), daemon=True)
                 writer.start()
@@ -438,8 +438,6 @@ class ClusterWorker:
 
     def collect(self) -> List[np.ndarray]:
         """Centroids of the oldest uncollected batch (blocks until the child has them)."""
-        import pickle
-
         if not self._pending:
             raise RuntimeError("ClusterWorker.collect: no job was submitted")
         kind, item = self._pending.pop(0)
@@ -448,11 +446,11 @@ class ClusterWorker:
         jobs, writer = item
         try:
             writer.join()
-            status, result = pickle.load(self._proc.stdout)
-            if status == "ok":
-                return result
-            raise RuntimeError(result)
-        except (EOFError, OSError, pickle.UnpicklingError, RuntimeError) as err:
+            header, arrays = _unpack(self._proc.stdout)
+            if header.get("status") == "ok":
+                return arrays
+            raise RuntimeError(str(header.get("error", "no result")))
+        except (EOFError, OSError, ValueError, RuntimeError) as err:
             self._fail(err)
             return cluster_centres(jobs)
 
@@ -478,9 +476,37 @@ class ClusterWorker:
         return state
 
 
+def _pack(header: dict, arrays: Sequence[np.ndarray]) -> bytes:
+    """One message: 8-byte length of a UTF-8 JSON header (``header`` plus each array's shape), the header, then
+    each ``float32`` array's C-order bytes. The format the worker and its parent exchange."""
+    import json
+
+    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
+    head = json.dumps(dict(header, shapes=[list(a.shape) for a in arrays])).encode()
+    return b"".join([len(head).to_bytes(8, "little"), head] + [a.tobytes() for a in arrays])
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if data is None or len(data) < n:
+        raise EOFError("clustering worker stream ended mid-message")
+    return data
+
+
+def _unpack(stream) -> Tuple[dict, List[np.ndarray]]:
+    """Read one :func:`_pack` message from a binary stream: ``(header, arrays)``; ``EOFError`` at end of stream."""
+    import json
+
+    head = json.loads(_read_exact(stream, int.from_bytes(_read_exact(stream, 8), "little")).decode())
+    arrays = []
+    for shape in head.pop("shapes"):
+        n = int(np.prod(shape, dtype=np.int64))
+        arrays.append(np.frombuffer(_read_exact(stream, 4 * n), dtype=np.float32).reshape(shape).copy())
+    return head, arrays
+
+
 def _write_message(stream, payload: bytes) -> None:
     try:
-        stream.write(len(payload).to_bytes(8, "little"))
         stream.write(payload)
         stream.flush()
     except (BrokenPipeError, OSError, ValueError):
@@ -497,10 +523,10 @@ def _stop_process(proc) -> None:
 
 
 def _worker_main() -> None:
-    """The child process of :class:`ClusterWorker`: read length-prefixed pickled job batches from stdin, write
-    ``("ok", centroids)`` or ``("error", message)`` pickles to stdout, until stdin closes."""
+    """The child process of :class:`ClusterWorker`: read :func:`_pack` job batches from stdin, write a
+    ``{"status": "ok"}`` message with the centroids, or ``{"status": "error"}`` with the traceback, to stdout, until
+    stdin closes."""
     import os
-    import pickle
     import sys
     import traceback
 
@@ -509,13 +535,13 @@ def _worker_main() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     inp = sys.stdin.buffer
     while True:
-        head = inp.read(8)
-        if len(head) < 8:
-            return
-        jobs = pickle.loads(inp.read(int.from_bytes(head, "little")))
         try:
-            msg = ("ok", cluster_centres(jobs))
+            header, arrays = _unpack(inp)
+        except EOFError:
+            return
+        try:
+            msg = _pack({"status": "ok"}, cluster_centres(list(zip(arrays, header["kwargs"]))))
         except Exception:
-            msg = ("error", traceback.format_exc())
-        pickle.dump(msg, out, protocol=pickle.HIGHEST_PROTOCOL)
+            msg = _pack({"status": "error", "error": traceback.format_exc()}, [])
+        out.write(msg)
         out.flush()
