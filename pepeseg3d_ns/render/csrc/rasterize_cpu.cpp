@@ -69,15 +69,15 @@ int num_threads(int64_t ntask, int64_t work) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Lane vectors.  The pixel loops work on kLanes consecutive pixels of one tile row at a
+// Lane vectors.  The pixel loops work on kL consecutive pixels of one tile row at a
 // time, written with GCC/clang vector extensions: the compiler maps them onto whatever the
 // build targets (AVX-512, AVX2, SSE2, NEON), and since every lane operation is a plain IEEE
 // operation (no reassociation, -ffp-contract=off), a portable and a -march=native build of
-// this file compute bitwise the same numbers.  kLanes is fixed (not taken from the target):
+// this file compute bitwise the same numbers.  kL is fixed (not taken from the target):
 // the per-lane partial sums of the backward pass, and so its rounding, must not depend on it.
 
 #ifndef PEPE_LANES
-#define PEPE_LANES 16
+#define PEPE_LANES 8
 #endif
 constexpr int kL = PEPE_LANES;
 
@@ -322,15 +322,15 @@ inline void tile_range(const int32_t *offsets, const Geom &g, int64_t task, int6
     re = (task + 1 < g.C * g.TH * g.TW) ? (int64_t)offsets[task + 1] : g.M;
 }
 
-// Tile-local per-thread buffers are padded by kLanes elements: the last chunk of a row may
-// read (and write back unchanged) up to kLanes - 1 elements past the tile.
+// Tile-local per-thread buffers are padded by kL elements: the last chunk of a row may
+// read (and write back unchanged) up to kL - 1 elements past the tile.
 inline size_t padded(int npix) { return (size_t)npix + kL; }
 
 // ---------------------------------------------------------------------------------------
 // Forward
 //
 // PLANAR: the tile's colour accumulator is stored channel-major ([D][pixel]) and updated
-// kLanes pixels at a time (few channels: RGB, RGB+D, depth); otherwise pixel-major
+// kL pixels at a time (few channels: RGB, RGB+D, depth); otherwise pixel-major
 // ([pixel][D]) and updated per contributing pixel, vectorised over the channels (features).
 
 template <typename S, int DC, bool PLANAR>
