@@ -3,20 +3,25 @@
 //
 // Forward: every (camera, tile) is one task; a task walks its tile's depth-sorted list
 // once, Gaussian by Gaussian, and only visits the pixels of the tile that the Gaussian can
-// reach (its alpha >= 1/255 footprint, computed conservatively from the conic), keeping
-// per-pixel state (T, accumulated colour, last index, done flag) in a small tile-local
-// buffer.  Per pixel the Gaussians are still taken strictly in list order, so the result is
-// the same as gsplat's pixel-major loop.
+// reach (its alpha >= 1/255 footprint, computed conservatively from the conic once per
+// Gaussian), keeping per-pixel state (T, accumulated colour, last index, done flag) in a
+// small tile-local buffer.  The pixels of one footprint row are processed kL at a time as
+// lane vectors (sigma, exp, alpha, transmittance and the per-pixel decisions as lane masks).
+// Per pixel the Gaussians are still taken strictly in list order, so the result is the same
+// as gsplat's pixel-major loop.
 //
 // Backward: same tiling, walking the list back to front from the tile's largest "last
-// index"; each pixel recovers its transmittance by dividing T_final by (1 - alpha).  The
-// gradient of one (tile, Gaussian) pair, summed over the tile's pixels, is written to its own
-// row of an [n_isects, R] buffer (no races); the rows are then summed per Gaussian in
-// intersection order (in double).  Result: bitwise deterministic, independent of the
-// number of threads.
+// index"; each pixel recovers its transmittance by dividing T_final by (1 - alpha), with the
+// very same float expressions as the forward pass (so it takes the same decisions).  The
+// gradient of one (tile, Gaussian) pair, summed over the tile's pixels (kL per-lane partial
+// sums, then a fixed pairwise order), is written to its own row of an [n_isects, R] buffer
+// (no races); the rows are then summed per Gaussian in intersection order (in double).
+// Result: bitwise deterministic, independent of the number of threads and of the vector
+// instructions the build targets.
 //
-// Built JIT by pepeseg3d_ns/render/cpu_backend.py (g++ -O3 -fopenmp, no CUDA).  Registered
-// as torch ops `torch.ops.pepeseg3d_cpu.*` (no pybind11: keeps the compile short).
+// Built JIT by pepeseg3d_ns/render/cpu_backend.py (-O3 -ffp-contract=off -fopenmp, and
+// -march=native when the compiler accepts it; no CUDA).  Registered as torch ops
+// `torch.ops.pepeseg3d_cpu.*` (no pybind11: keeps the compile short).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -75,6 +80,7 @@ int num_threads(int64_t ntask, int64_t work) {
 // operation (no reassociation, -ffp-contract=off), a portable and a -march=native build of
 // this file compute bitwise the same numbers.  kL is fixed (not taken from the target):
 // the per-lane partial sums of the backward pass, and so its rounding, must not depend on it.
+// 8 lanes measured faster than 4 or 16 for footprints of a few pixels (docs/benchmarks.md).
 
 #ifndef PEPE_LANES
 #define PEPE_LANES 8
@@ -86,7 +92,6 @@ struct Lanes;
 template <>
 struct Lanes<float> {
     using I = int32_t;  // index / mask element of the same width as the float
-    using U = uint32_t;
     typedef float V __attribute__((vector_size(kL * 4)));
     typedef int32_t M __attribute__((vector_size(kL * 4)));
     typedef uint32_t UV __attribute__((vector_size(kL * 4)));
@@ -94,7 +99,6 @@ struct Lanes<float> {
 template <>
 struct Lanes<double> {
     using I = int64_t;
-    using U = uint64_t;
     typedef double V __attribute__((vector_size(kL * 8)));
     typedef int64_t M __attribute__((vector_size(kL * 8)));
     typedef uint64_t UV __attribute__((vector_size(kL * 8)));
