@@ -289,17 +289,18 @@ def test_saturation_cutoff_matches_reference():
 
 
 @needs_ext
-def test_deterministic_and_thread_independent():
-    case = make_case(C=2, N=4000, width=128, height=96, D=5, seed=11)  # big enough to run multi-threaded
+@pytest.mark.parametrize("D", [3, 5, 32])  # channel-major (D <= 4), pixel-major, and the D = 32 specialisation
+def test_deterministic_and_thread_independent(D):
+    case = make_case(C=2, N=4000, width=128, height=96, D=D, seed=11)  # big enough to run multi-threaded
     old = torch.get_num_threads()
     outs = []
     try:
-        for threads in (old, old, 1):
+        for threads in (old, old, 1, 3):
             torch.set_num_threads(threads)
             leaves = {k: case[k].clone().requires_grad_(True) for k in DIFF_KEYS}
-            rc, ra = cpu_backend.rasterize_to_pixels_cpu(**{**case, **leaves})
+            rc, ra = cpu_backend.rasterize_to_pixels_cpu(**{**case, **leaves}, absgrad=True)
             (rc.sin().sum() + ra.cos().sum()).backward()
-            outs.append([rc, ra] + [leaves[k].grad for k in DIFF_KEYS])
+            outs.append([rc, ra, leaves["means2d"].absgrad] + [leaves[k].grad for k in DIFF_KEYS])
     finally:
         torch.set_num_threads(old)
     for other in outs[1:]:
@@ -357,6 +358,93 @@ def test_input_validation():
         bad = case["flatten_ids"].clone()
         bad[0] = 10_000
         cpu_backend.rasterize_to_pixels_cpu(**{**case, "flatten_ids": bad})
+
+
+def _refusing_compiler(tmp_path, when_compiling_only):
+    """A C++ compiler wrapper that rejects -march=native (always, or only when compiling a source file)."""
+    real = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    need_c = 'case " $* " in *" -c "*) ;; *) exec "$REAL" "$@";; esac\n' if when_compiling_only else ""
+    script = tmp_path / "refusing-c++"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'REAL="{real}"\n'
+        'case " $* " in *" -march=native "*) ;; *) exec "$REAL" "$@";; esac\n'
+        + need_c
+        + 'echo "error: -march=native not supported here" >&2\nexit 1\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.skipif(not _TOOLCHAIN, reason="no C++ compiler / ninja on this machine")
+def test_native_target_and_variant_names(tmp_path, monkeypatch):
+    target = cpu_backend._native_target()
+    assert target is not None and any(m in target for m in ("__x86_64__", "__aarch64__", "__arm64__"))
+    flags, ld = ["-O3", "-march=native"], ["-fopenmp"]
+    names = {
+        cpu_backend._variant_name("native", flags, ld, target),
+        cpu_backend._variant_name("native", flags, ld, target.replace("__x86_64__", "__other_cpu__") + "\n#x"),
+        cpu_backend._variant_name("native", flags + ["-fopenmp"], ld, target),
+        cpu_backend._variant_name("portable", ["-O3"], ld),
+    }
+    assert len(names) == 4  # another CPU target or another flag set never reuses a build
+    assert cpu_backend._variant_name("native", flags, ld, target) == cpu_backend._variant_name(
+        "native", list(flags), list(ld), target)
+    monkeypatch.setenv("CXX", _refusing_compiler(tmp_path, when_compiling_only=False))
+    assert cpu_backend._native_target() is None  # a compiler that refuses -march=native: portable flags
+
+
+@needs_ext
+def test_loaded_variant_is_cached_under_its_own_name():
+    tag, name, cflags = cpu_backend.loaded_variant()
+    assert tag in ("native", "portable", "native_serial", "serial")
+    assert ("-march=native" in cflags) == tag.startswith("native") and "-ffp-contract=off" in cflags
+    assert os.path.isdir(os.path.join(cpu_backend.extension_build_dir(), name))
+
+
+_DUMP = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_cpu_backend import outputs_for_build_comparison
+from pepeseg3d_ns.render import cpu_backend
+out = outputs_for_build_comparison()
+torch.save({"variant": cpu_backend.loaded_variant()[0], "out": out}, sys.argv[1])
+"""
+
+
+def outputs_for_build_comparison():
+    """Outputs and gradients (float32 and float64; channel-major and pixel-major paths) to compare builds."""
+    res = []
+    for dtype, D in ((torch.float32, 3), (torch.float32, 32), (torch.float32, 7), (torch.float64, 3)):
+        case = make_case(C=1, N=1500, width=70, height=50, D=D, seed=60 + D, dtype=dtype)
+        leaves = {k: case[k].clone().requires_grad_(True) for k in DIFF_KEYS}
+        rc, ra = cpu_backend.rasterize_to_pixels_cpu(**{**case, **leaves}, absgrad=True)
+        (rc.sin().sum() + ra.cos().sum()).backward()
+        res.append([rc.detach(), ra.detach(), leaves["means2d"].absgrad] + [leaves[k].grad for k in DIFF_KEYS])
+    return res
+
+
+@needs_ext
+@pytest.mark.slow
+def test_portable_fallback_builds_and_is_bitwise_equal(tmp_path):
+    # A compiler that accepts -march=native for the target query but fails to compile with it: the loader
+    # falls back to the portable flags, and that build computes bitwise what this process's build computes
+    # (no FMA contraction, fixed lane count: the vector width of the target does not change any rounding).
+    env = dict(os.environ, CXX=_refusing_compiler(tmp_path, when_compiling_only=True),
+               PEPESEG3D_EXT_DIR=str(tmp_path / "ext"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cpu_backend.__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    dump = tmp_path / "portable.pt"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _DUMP, str(dump), tests_dir], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    other = torch.load(dump)
+    assert other["variant"] == "portable"
+    mine = outputs_for_build_comparison()
+    for a_case, b_case in zip(mine, other["out"]):
+        for a, b in zip(a_case, b_case):
+            assert torch.equal(a, b)
 
 
 @needs_ext

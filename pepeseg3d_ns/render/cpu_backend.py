@@ -15,9 +15,11 @@ through the 0.999 clamp).  Nothing here imports gsplat.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import subprocess
 import threading
 from typing import Optional, Tuple
 
@@ -29,18 +31,25 @@ __all__ = ["load_extension", "is_available", "rasterize_to_pixels_cpu", "extensi
 _EXT_NAME = "pepeseg3d_rasterize_cpu"
 _OPS_NAMESPACE = "pepeseg3d_cpu"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "rasterize_cpu.cpp")
-# (name suffix, extra cflags, extra ldflags).  -march is deliberately not set (portable builds);
-# -ffp-contract=off keeps forward and backward bitwise consistent on FMA targets.  The serial variant is only
-# tried when the compiler has no OpenMP (e.g. Apple clang).
+# (tag, extra cflags, extra ldflags), tried in order.  The kernel is compiled on the machine that runs it, so the
+# first try targets its own CPU (-march=native: AVX2 / AVX-512 / NEON lanes); the portable flags are the fallback
+# when the compiler refuses -march=native.  -ffp-contract=off everywhere: the compiler never fuses a*b+c into an
+# FMA on its own, so forward and backward recompute bitwise the same sigma and alpha, and the native and portable
+# builds give bitwise the same results.  The serial variants are only tried when the compiler has no OpenMP
+# (e.g. Apple clang).  Each flag set builds under its own extension name (see _variant_name).
+_BASE_FLAGS = ["-O3", "-ffp-contract=off"]
 _VARIANTS = (
-    ("", ["-O3", "-ffp-contract=off", "-fopenmp"], ["-fopenmp"]),
-    ("_serial", ["-O3", "-ffp-contract=off"], []),
+    ("native", _BASE_FLAGS + ["-march=native", "-fopenmp"], ["-fopenmp"]),
+    ("portable", _BASE_FLAGS + ["-fopenmp"], ["-fopenmp"]),
+    ("native_serial", _BASE_FLAGS + ["-march=native"], []),
+    ("serial", list(_BASE_FLAGS), []),
 )
 _OPENMP_TROUBLE = re.compile(r"omp\.h|unsupported option '-fopenmp'|-lgomp|-lomp\b|libgomp|libomp")
 
 _lock = threading.Lock()
 _ops = None
 _error: Optional[str] = None
+_loaded: Optional[Tuple[str, str, Tuple[str, ...]]] = None  # (tag, extension name, cflags) of the loaded build
 
 
 def extension_build_dir() -> str:
@@ -56,6 +65,38 @@ def extension_build_dir() -> str:
 def _tail(text: str, n: int = 25) -> str:
     lines = [ln for ln in str(text).splitlines() if ln.strip()]
     return "\n".join(lines[-n:])
+
+
+def _native_target() -> Optional[str]:
+    """What ``-march=native`` means to this compiler on this CPU (its predefined macros, e.g. ``__AVX512F__``),
+    or None when the compiler refuses the flag."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return "\n".join(sorted(out.stdout.splitlines()))
+
+
+def _variant_name(tag: str, cflags, ldflags, target: str = "") -> str:
+    """Extension name of one build variant: the tag and a hash of its flags (and, for -march=native, of the CPU
+    target the compiler resolved), so a build made with other flags or on another CPU (a shared home directory)
+    is never loaded."""
+    key = "\0".join([tag, " ".join(cflags), " ".join(ldflags), target])
+    return f"{_EXT_NAME}_{tag}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _native_disabled() -> bool:
+    return os.environ.get("PEPESEG3D_CPU_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def loaded_variant() -> Optional[Tuple[str, str, Tuple[str, ...]]]:
+    """``(tag, extension name, cflags)`` of the loaded build (tag ``native``, ``portable``, ``native_serial`` or
+    ``serial``), or None before :func:`load_extension` succeeded."""
+    return _loaded
 
 
 @contextlib.contextmanager
@@ -94,7 +135,7 @@ def load_extension(verbose: bool = False):
     Returns the op namespace ``torch.ops.pepeseg3d_cpu`` (attributes ``rasterize_fwd``, ``rasterize_bwd``).
     Raises RuntimeError, with the compiler's last lines, when the build fails.
     """
-    global _ops, _error
+    global _ops, _error, _loaded
     if _ops is not None:
         return _ops
     with _lock:
@@ -104,18 +145,28 @@ def load_extension(verbose: bool = False):
             raise RuntimeError(_error)
         build_dir = extension_build_dir()
         errors = []
-        for suffix, cflags, ldflags in _VARIANTS:
+        openmp_trouble = False
+        native_target = None if _native_disabled() else _native_target()
+        for tag, cflags, ldflags in _VARIANTS:
+            native = "-march=native" in cflags
+            if native and native_target is None:
+                continue  # the compiler refuses -march=native (or PEPESEG3D_CPU_NATIVE=0): portable flags
+            if not ldflags and not openmp_trouble:
+                continue  # serial builds only for a compiler without OpenMP
+            name = _variant_name(tag, cflags, ldflags, native_target if native else "")
             try:
-                _build_and_load(_EXT_NAME + suffix, os.path.join(build_dir, suffix.strip("_")), cflags, ldflags,
-                                verbose)
+                _build_and_load(name, os.path.join(build_dir, name), cflags, ldflags, verbose)
                 _ops = getattr(torch.ops, _OPS_NAMESPACE)
                 _ops.rasterize_fwd  # noqa: B018  (raises if the library did not register the ops)
                 _error = None
+                _loaded = (tag, name, tuple(cflags))
                 return _ops
             except Exception as exc:  # compiler missing, ninja missing, compile error, ...
                 errors.append(exc)
-                if not _OPENMP_TROUBLE.search(str(exc)):
-                    break  # not an OpenMP problem: a serial build would fail the same way
+                if _OPENMP_TROUBLE.search(str(exc)):
+                    openmp_trouble = True
+                elif not native:
+                    break  # not an OpenMP problem: another portable build would fail the same way
         exc = errors[-1]
         detail = _tail(exc) if not verbose else f"{_tail(exc)}\n(see the compiler output above)"
         _error = (

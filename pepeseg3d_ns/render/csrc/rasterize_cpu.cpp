@@ -3,20 +3,25 @@
 //
 // Forward: every (camera, tile) is one task; a task walks its tile's depth-sorted list
 // once, Gaussian by Gaussian, and only visits the pixels of the tile that the Gaussian can
-// reach (its alpha >= 1/255 footprint, computed conservatively from the conic), keeping
-// per-pixel state (T, accumulated colour, last index, done flag) in a small tile-local
-// buffer.  Per pixel the Gaussians are still taken strictly in list order, so the result is
-// the same as gsplat's pixel-major loop.
+// reach (its alpha >= 1/255 footprint, computed conservatively from the conic once per
+// Gaussian), keeping per-pixel state (T, accumulated colour, last index, done flag) in a
+// small tile-local buffer.  The pixels of one footprint row are processed kL at a time as
+// lane vectors (sigma, exp, alpha, transmittance and the per-pixel decisions as lane masks).
+// Per pixel the Gaussians are still taken strictly in list order, so the result is the same
+// as gsplat's pixel-major loop.
 //
 // Backward: same tiling, walking the list back to front from the tile's largest "last
-// index"; each pixel recovers its transmittance by dividing T_final by (1 - alpha).  The
-// gradient of one (tile, Gaussian) pair, summed over the tile's pixels, is written to its own
-// row of an [n_isects, R] buffer (no races); the rows are then summed per Gaussian in
-// intersection order (in double).  Result: bitwise deterministic, independent of the
-// number of threads.
+// index"; each pixel recovers its transmittance by dividing T_final by (1 - alpha), with the
+// very same float expressions as the forward pass (so it takes the same decisions).  The
+// gradient of one (tile, Gaussian) pair, summed over the tile's pixels (kL per-lane partial
+// sums, then a fixed pairwise order), is written to its own row of an [n_isects, R] buffer
+// (no races); the rows are then summed per Gaussian in intersection order (in double).
+// Result: bitwise deterministic, independent of the number of threads and of the vector
+// instructions the build targets.
 //
-// Built JIT by pepeseg3d_ns/render/cpu_backend.py (g++ -O3 -fopenmp, no CUDA).  Registered
-// as torch ops `torch.ops.pepeseg3d_cpu.*` (no pybind11: keeps the compile short).
+// Built JIT by pepeseg3d_ns/render/cpu_backend.py (-O3 -ffp-contract=off -fopenmp, and
+// -march=native when the compiler accepts it; no CUDA).  Registered as torch ops
+// `torch.ops.pepeseg3d_cpu.*` (no pybind11: keeps the compile short).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,11 +33,18 @@
 #include <omp.h>
 #endif
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -62,6 +74,150 @@ int num_threads(int64_t ntask, int64_t work) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Lane vectors.  The pixel loops work on kL consecutive pixels of one tile row at a
+// time, written with GCC/clang vector extensions: the compiler maps them onto whatever the
+// build targets (AVX-512, AVX2, SSE2, NEON), and since every lane operation is a plain IEEE
+// operation (no reassociation, -ffp-contract=off), a portable and a -march=native build of
+// this file compute bitwise the same numbers.  kL is fixed (not taken from the target):
+// the per-lane partial sums of the backward pass, and so its rounding, must not depend on it.
+// 8 lanes measured faster than 4 or 16 for footprints of a few pixels (docs/benchmarks.md).
+
+#ifndef PEPE_LANES
+#define PEPE_LANES 8
+#endif
+constexpr int kL = PEPE_LANES;
+
+template <typename S>
+struct Lanes;
+template <>
+struct Lanes<float> {
+    using I = int32_t;  // index / mask element of the same width as the float
+    typedef float V __attribute__((vector_size(kL * 4)));
+    typedef int32_t M __attribute__((vector_size(kL * 4)));
+    typedef uint32_t UV __attribute__((vector_size(kL * 4)));
+};
+template <>
+struct Lanes<double> {
+    using I = int64_t;
+    typedef double V __attribute__((vector_size(kL * 8)));
+    typedef int64_t M __attribute__((vector_size(kL * 8)));
+    typedef uint64_t UV __attribute__((vector_size(kL * 8)));
+};
+
+template <typename Vec, typename T>
+inline Vec vload(const T *p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(Vec));
+    return v;
+}
+template <typename Vec, typename T>
+inline void vstore(T *p, const Vec &v) {
+    std::memcpy(p, &v, sizeof(Vec));
+}
+template <typename Vec, typename T, size_t... Is>
+inline Vec splat_impl(T x, std::index_sequence<Is...>) {
+    return Vec{((void)Is, x)...};  // one broadcast instruction
+}
+template <typename Vec, typename T>
+inline Vec splat(T x) {
+    return splat_impl<Vec>(x, std::make_index_sequence<kL>{});
+}
+// m ? a : b, lane by lane (m lanes are all-ones or all-zeros).
+template <typename Vec, typename Msk>
+inline Vec sel(Msk m, Vec a, Vec b) {
+    return (Vec)(((Msk)a & m) | ((Msk)b & ~m));
+}
+// Any lane set: OR-fold to 16 bytes with vector ops, then one movemask (SSE2) or two words.
+template <typename Msk>
+inline bool any(Msk m) {
+    typedef int32_t Q __attribute__((vector_size(16)));
+    Q q;
+    std::memcpy(&q, &m, 16);
+    for (size_t o = 16; o < sizeof(Msk); o += 16) {
+        Q h;
+        std::memcpy(&h, reinterpret_cast<const char *>(&m) + o, 16);
+        q |= h;
+    }
+#if defined(__SSE2__)
+    __m128i x;
+    std::memcpy(&x, &q, 16);
+    return _mm_movemask_epi8(x) != 0;
+#else
+    uint64_t w[2];
+    std::memcpy(w, &q, 16);
+    return (w[0] | w[1]) != 0;
+#endif
+}
+// Set lanes as a bit mask (lane l = bit l).
+template <typename Msk>
+inline uint32_t lane_bits(Msk m) {
+    typename std::remove_reference<decltype(m[0])>::type a[kL];
+    std::memcpy(a, &m, sizeof(Msk));
+    uint32_t b = 0;
+    for (int l = 0; l < kL; ++l) b |= (uint32_t)(a[l] != 0) << l;
+    return b;
+}
+static_assert(kL >= 4 && kL <= 32 && (kL & (kL - 1)) == 0, "PEPE_LANES: a power of two in [4, 32]");
+
+template <typename Msk>
+inline int popcount(Msk m) {
+    int n = 0;
+    for (int l = 0; l < kL; ++l) n += (m[l] != 0);
+    return n;
+}
+// Fixed-order (pairwise) sum of the lanes.
+template <typename S, typename Vec>
+inline S hsum(Vec v) {
+    S a[kL];
+    std::memcpy(a, &v, sizeof(Vec));
+    for (int w = kL / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) a[l] += a[l + w];
+    return a[0];
+}
+
+// exp(-sigma) per lane.  float: Cody-Waite range reduction and a degree-6 polynomial
+// (Cephes' expf coefficients, ~1 ulp), plain mul/add so that it vectorises and gives the
+// same bits on every target; arguments are clamped to [-88, 87.3] (exp(-87.3) ~ 1.2e-38 is
+// far below any alpha threshold).  double: libm's exp, lane by lane (the float64 path exists
+// for gradcheck and tests; it keeps the scalar code's exp exactly).
+inline Lanes<float>::V exp_neg(Lanes<float>::V sigma) {
+    using L = Lanes<float>;
+    using V = L::V;
+    using UV = L::UV;
+    V x = -sigma;
+    x = sel((L::M)(x > splat<V>(88.0f)), splat<V>(88.0f), x);
+    x = sel((L::M)(x < splat<V>(-87.3f)), splat<V>(-87.3f), x);
+    const V magic = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const V t = x * splat<V>(1.44269504088896341f) + magic;
+    const V n = t - magic;
+    V r = x - n * splat<V>(0.693359375f);
+    r = r - n * splat<V>(-2.12194440e-4f);
+    V p = splat<V>(1.9875691500e-4f);
+    p = p * r + splat<V>(1.3981999507e-3f);
+    p = p * r + splat<V>(8.3334519073e-3f);
+    p = p * r + splat<V>(4.1665795894e-2f);
+    p = p * r + splat<V>(1.6666665459e-1f);
+    p = p * r + splat<V>(5.0000001201e-1f);
+    const V y = p * (r * r) + r + splat<V>(1.0f);
+    // 2^n: the low bits of t hold n (two's complement); shift them into the exponent field
+    const UV scale = ((UV)t << 23) + splat<UV>(0x3f800000u);
+    return y * (V)scale;
+}
+inline Lanes<double>::V exp_neg(Lanes<double>::V sigma) {
+    Lanes<double>::V r;
+    for (int l = 0; l < kL; ++l) r[l] = std::exp(-sigma[l]);
+    return r;
+}
+
+// Largest S not above gsplat's double cut-off 1e-4: for S values, x <= kTMin <=> x <= this.
+template <typename S>
+inline S tmin_threshold() {
+    S t = (S)kTMin;
+    if ((double)t > kTMin) t = std::nextafter(t, S(0));
+    return t;
+}
+
+// ---------------------------------------------------------------------------------------
 // Geometry shared by forward and backward.
 
 struct Geom {
@@ -72,46 +228,96 @@ struct Box {
     int r0, r1, c0, c1;  // tile-local pixel rows/cols, half-open
 };
 
-// Pixels of the tile (origin x0, y0; pw x ph pixels) where Gaussian (mx, my, conic a b c,
-// opacity op >= 1/255) may reach alpha >= 1/255.  Conservative: every pixel that the exact
-// per-pixel test would accept lies in the box.  `s_skip` is a per-pixel early reject on sigma
-// (sigma > s_skip implies alpha < 1/255 for the very same float sigma).  Returns false when
-// no pixel of the tile can be reached.
+// One Gaussian's parameters, packed so that a list entry reads one cache line, with its
+// footprint in image pixels: the pixels where it may reach alpha >= 1/255 (computed from the
+// conic, conservatively, in double, once per Gaussian) and `s_skip`, a per-pixel early
+// reject on sigma (sigma > s_skip implies alpha < 1/255 for the very same sigma).
 template <typename S>
-inline bool footprint(S mx, S my, S a, S b, S c, S op, int x0, int y0, int pw, int ph, S &s_skip,
-                      Box &box) {
+struct GPar {
+    S mx, my, a, b, c, op, s_skip;
+    int32_t x0, x1, y0, y1;  // image pixel columns [x0, x1), rows [y0, y1)
+};
+
+constexpr double kBig = 1073741824.0;
+
+// A tile's list visits Gaussians in depth order, i.e. at random in memory: fetch a few ahead.
+constexpr int kPrefetch = 4;
+template <typename T>
+inline void prefetch(const T *p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p);
+    __builtin_prefetch(reinterpret_cast<const char *>(p) + sizeof(T) - 1);
+#endif
+}  // 2^30: pixel bounds are clamped to +-this
+
+template <typename S>
+inline GPar<S> gaussian_params(S mx, S my, S a, S b, S c, S op) {
+    GPar<S> g{mx, my, a, b, c, op, S(0), 0, 0, 0, 0};
+    if (!(op >= Consts<S>::kAlphaMin)) return g;  // empty: alpha <= op < 1/255 when sigma >= 0
+    const int32_t whole = (int32_t)kBig;
     const double s = std::log(255.0 * (double)op);  // alpha >= 1/255  <=>  sigma <= s
     const double da = a, db = b, dc = c;
     const double det = da * dc - db * db;
-    box = Box{0, ph, 0, pw};
     if (!(da > 0.0) || !(det > 0.0) || !std::isfinite(s) || !std::isfinite(det) ||
         !std::isfinite((double)mx) || !std::isfinite((double)my)) {
-        s_skip = std::numeric_limits<S>::infinity();  // not positive definite: whole tile, no skip
-        return true;
+        // not positive definite: every pixel of the tile, no skip
+        g.s_skip = std::numeric_limits<S>::infinity();
+        g.x0 = g.y0 = -whole;
+        g.x1 = g.y1 = whole;
+        return g;
     }
-    s_skip = (S)(s + 1e-3);
+    g.s_skip = (S)(s + 1e-3);
     // float rounding of sigma grows with the conic's condition (a*c/det); widen accordingly.
     const double kappa = da * dc / det;
     const double sb = (std::max(s, 0.0) + 1e-3) * (1.001 + 4e-6 * kappa);
     const double rx = std::sqrt(2.0 * sb * dc / det);
     const double ry = std::sqrt(2.0 * sb * da / det);
+    if (!std::isfinite(rx) || !std::isfinite(ry)) {
+        g.x0 = g.y0 = -whole;
+        g.x1 = g.y1 = whole;
+        return g;
+    }
     // pixel column j (centre j + 0.5) can be reached iff |j + 0.5 - mx| <= rx
-    const double lo_x = std::ceil((double)mx - rx - 0.5) - x0;
-    const double hi_x = std::floor((double)mx + rx - 0.5) - x0 + 1.0;
-    const double lo_y = std::ceil((double)my - ry - 0.5) - y0;
-    const double hi_y = std::floor((double)my + ry - 0.5) - y0 + 1.0;
-    box.c0 = (int)std::max(0.0, std::min((double)pw, lo_x));
-    box.c1 = (int)std::max(0.0, std::min((double)pw, hi_x));
-    box.r0 = (int)std::max(0.0, std::min((double)ph, lo_y));
-    box.r1 = (int)std::max(0.0, std::min((double)ph, hi_y));
-    if (!std::isfinite(rx) || !std::isfinite(ry)) box = Box{0, ph, 0, pw};
+    auto clampi = [](double v) { return (int32_t)std::max(-kBig, std::min(kBig, v)); };
+    g.x0 = clampi(std::ceil((double)mx - rx - 0.5));
+    g.x1 = clampi(std::floor((double)mx + rx - 0.5) + 1.0);
+    g.y0 = clampi(std::ceil((double)my - ry - 0.5));
+    g.y1 = clampi(std::floor((double)my + ry - 0.5) + 1.0);
+    return g;
+}
+
+// The Gaussian's footprint in the tile at (x0, y0) of pw x ph pixels; false when empty.
+template <typename S>
+inline bool tile_box(const GPar<S> &g, int x0, int y0, int pw, int ph, Box &box) {
+    auto cl = [](int64_t v, int hi) { return (int)std::max<int64_t>(0, std::min<int64_t>(hi, v)); };
+    box.c0 = cl((int64_t)g.x0 - x0, pw);
+    box.c1 = cl((int64_t)g.x1 - x0, pw);
+    box.r0 = cl((int64_t)g.y0 - y0, ph);
+    box.r1 = cl((int64_t)g.y1 - y0, ph);
     return box.c0 < box.c1 && box.r0 < box.r1;
 }
 
-// Same float expression (and evaluation order) as gsplat.
+// Per-Gaussian parameters of all C*N Gaussians (a parallel pass; each entry is a pure
+// function of its Gaussian, so the result does not depend on the thread count).
 template <typename S>
-inline S sigma_of(S a, S b, S c, S dx, S dy) {
-    return S(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy;
+std::vector<GPar<S>> all_params(const Geom &G, const S *means, const S *conics, const S *opac) {
+    const int64_t CN = G.C * G.N;
+    std::vector<GPar<S>> par(std::max<int64_t>(CN, 1));
+    const int nthreads = num_threads(CN, CN * 8);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (int64_t g = 0; g < CN; ++g)
+        par[g] = gaussian_params<S>(means[2 * g], means[2 * g + 1], conics[3 * g], conics[3 * g + 1],
+                                    conics[3 * g + 2], opac[g]);
+    (void)nthreads;
+    return par;
+}
+
+// Same float expression (and evaluation order) as gsplat.
+template <typename X, typename Y>
+inline X sigma_of(Y a, Y b, Y c, X dx, X dy) {
+    return Y(0.5) * (a * dx * dx + c * dy * dy) + b * dx * dy;
 }
 
 inline void tile_range(const int32_t *offsets, const Geom &g, int64_t task, int64_t &rs,
@@ -120,25 +326,40 @@ inline void tile_range(const int32_t *offsets, const Geom &g, int64_t task, int6
     re = (task + 1 < g.C * g.TH * g.TW) ? (int64_t)offsets[task + 1] : g.M;
 }
 
+// Tile-local per-thread buffers are padded by kL elements: the last chunk of a row may
+// read (and write back unchanged) up to kL - 1 elements past the tile.
+inline size_t padded(int npix) { return (size_t)npix + kL; }
+
 // ---------------------------------------------------------------------------------------
 // Forward
+//
+// PLANAR: the tile's colour accumulator is stored channel-major ([D][pixel]) and updated
+// kL pixels at a time (few channels: RGB, RGB+D, depth); otherwise pixel-major
+// ([pixel][D]) and updated per contributing pixel, vectorised over the channels (features).
 
-template <typename S, int DC>
-void forward_impl(const Geom &G, int Dr, const S *means, const S *conics, const S *colors,
-                  const S *opac, const S *bg, const int32_t *offsets, const int32_t *flat,
-                  S *out_c, S *out_a, S *out_t, int32_t *out_last) {
+template <typename S, int DC, bool PLANAR>
+void forward_impl(const Geom &G, int Dr, const GPar<S> *par, const S *colors, const S *bg,
+                  const int32_t *offsets, const int32_t *flat, S *out_c, S *out_a, S *out_t,
+                  int32_t *out_last) {
+    using L = Lanes<S>;
+    using V = typename L::V;
+    using M = typename L::M;
+    using I = typename L::I;
     const int D = DC > 0 ? DC : Dr;
     const int64_t ntask = G.C * G.TH * G.TW;
     const int ts = (int)G.ts;
     const int npix = ts * ts;
+    const size_t ps = padded(npix);  // channel stride of the planar accumulator
     const int nthreads = num_threads(ntask, G.M * 16 + G.C * G.H * G.W);
+    const S tmin = tmin_threshold<S>();
+    M iota;
+    for (int l = 0; l < kL; ++l) iota[l] = (I)l;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
 #endif
     {
-        std::vector<S> T(npix), acc((size_t)npix * D);
-        std::vector<int32_t> last(npix);
-        std::vector<unsigned char> done(npix);
+        std::vector<S> T(ps), acc(ps * D), pxc((size_t)ts + kL);
+        std::vector<I> last(ps), done(ps);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -151,47 +372,69 @@ void forward_impl(const Geom &G, int Dr, const S *means, const S *conics, const 
             const int pw = (int)std::min<int64_t>(ts, G.W - x0);
             if (ph <= 0 || pw <= 0) continue;
             const int np = ph * pw;
-            std::fill(T.begin(), T.begin() + np, S(1));
-            std::fill(acc.begin(), acc.begin() + (size_t)np * D, S(0));
-            std::fill(last.begin(), last.begin() + np, -1);
-            std::fill(done.begin(), done.begin() + np, 0);
+            std::fill(T.begin(), T.end(), S(1));
+            std::fill(acc.begin(), acc.end(), S(0));
+            std::fill(last.begin(), last.end(), I(-1));
+            std::fill(done.begin(), done.end(), I(0));
+            for (int q = 0; q < ts + kL; ++q) pxc[q] = (S)(x0 + q) + S(0.5);  // pixel centres
             int active = np;
 
             int64_t rs, re;
             tile_range(offsets, G, task, rs, re);
             for (int64_t idx = rs; idx < re && active > 0; ++idx) {
-                const int64_t gid = flat[idx];
-                const S op = opac[gid];
-                // alpha = min(0.999, op * exp(-sigma)) <= op whenever sigma >= 0
-                if (!(op >= Consts<S>::kAlphaMin)) continue;
-                const S mx = means[2 * gid], my = means[2 * gid + 1];
-                const S a = conics[3 * gid], b = conics[3 * gid + 1], c = conics[3 * gid + 2];
-                S s_skip;
+                if (idx + kPrefetch < re) prefetch(&par[flat[idx + kPrefetch]]);
+                const GPar<S> &g = par[flat[idx]];
                 Box bx;
-                if (!footprint<S>(mx, my, a, b, c, op, x0, y0, pw, ph, s_skip, bx)) continue;
-                const S *col = colors + gid * D;
+                if (!tile_box(g, x0, y0, pw, ph, bx)) continue;
+                const S *col = colors + (int64_t)flat[idx] * D;
+                const V vmx = splat<V>(g.mx), vop = splat<V>(g.op), vskip = splat<V>(g.s_skip);
+                const M vidx = splat<M>((I)idx);
                 for (int r = bx.r0; r < bx.r1; ++r) {
-                    const S dy = my - ((S)(y0 + r) + S(0.5));
-                    for (int q = bx.c0; q < bx.c1; ++q) {
-                        const int p = r * pw + q;
-                        if (done[p]) continue;
-                        const S dx = mx - ((S)(x0 + q) + S(0.5));
-                        const S sigma = sigma_of(a, b, c, dx, dy);
-                        if (sigma > s_skip || sigma < S(0)) continue;
-                        const S alpha = std::min(Consts<S>::kAlphaMax, op * std::exp(-sigma));
-                        if (alpha < Consts<S>::kAlphaMin) continue;
-                        const S t = T[p];
-                        const S next_t = t * (S(1) - alpha);
-                        if (next_t <= kTMin) {  // saturated; this Gaussian is not included
-                            done[p] = 1;
-                            --active;
-                            continue;
+                    const S dy = g.my - ((S)(y0 + r) + S(0.5));
+                    const V vdy = splat<V>(dy);
+                    for (int q0 = bx.c0; q0 < bx.c1; q0 += kL) {
+                        const int p0 = r * pw + q0;
+                        const M dn = vload<M>(done.data() + p0);
+                        M m = (M)(iota < splat<M>((I)(bx.c1 - q0))) & ~dn;
+                        if (!any(m)) continue;
+                        const V dx = vmx - vload<V>(pxc.data() + q0);
+                        const V sigma = sigma_of<V, S>(g.a, g.b, g.c, dx, vdy);
+                        m &= ~(M)(sigma > vskip) & ~(M)(sigma < splat<V>(S(0)));
+                        const V ex = exp_neg(sigma);
+                        V alpha = vop * ex;
+                        const V amax = splat<V>(Consts<S>::kAlphaMax);
+                        alpha = sel((M)(alpha < amax), alpha, amax);  // std::min(0.999, .)
+                        m &= ~(M)(alpha < splat<V>(Consts<S>::kAlphaMin));
+                        if (!any(m)) continue;
+                        const V t = vload<V>(T.data() + p0);
+                        const V next_t = t * (splat<V>(S(1)) - alpha);
+                        // saturated: the pixel stops, this Gaussian is not included
+                        const M stop = m & (M)(next_t <= splat<V>(tmin));
+                        const M use = m & ~stop;
+                        if (any(stop)) {
+                            vstore(done.data() + p0, dn | stop);
+                            active -= popcount(stop);
                         }
-                        const S vis = alpha * t;
-                        S *ap = acc.data() + (size_t)p * D;
-                        for (int k = 0; k < D; ++k) ap[k] += col[k] * vis;
-                        last[p] = (int32_t)idx;
-                        T[p] = next_t;
+                        if (!any(use)) continue;
+                        const V vis = alpha * t;
+                        vstore(T.data() + p0, sel(use, next_t, t));
+                        vstore(last.data() + p0, sel(use, vidx, vload<M>(last.data() + p0)));
+                        if (PLANAR) {
+                            for (int k = 0; k < D; ++k) {
+                                S *ap = acc.data() + k * ps + p0;
+                                const V av = vload<V>(ap);
+                                vstore(ap, sel(use, av + splat<V>(col[k]) * vis, av));
+                            }
+                        } else {
+                            S w_l[kL];
+                            vstore(w_l, vis);
+                            for (uint32_t bits = lane_bits(use); bits; bits &= bits - 1) {
+                                const int l = __builtin_ctz(bits);
+                                const S w = w_l[l];
+                                S *ap = acc.data() + (size_t)(p0 + l) * D;
+                                for (int k = 0; k < D; ++k) ap[k] += col[k] * w;
+                            }
+                        }
                     }
                 }
             }
@@ -203,15 +446,13 @@ void forward_impl(const Geom &G, int Dr, const S *means, const S *conics, const 
                     const int64_t pix = (cam * G.H + y0 + r) * G.W + x0 + q;
                     const S t = T[p];
                     S *o = out_c + pix * D;
-                    const S *ap = acc.data() + (size_t)p * D;
-                    if (bgc) {
-                        for (int k = 0; k < D; ++k) o[k] = ap[k] + t * bgc[k];
-                    } else {
-                        for (int k = 0; k < D; ++k) o[k] = ap[k];
+                    for (int k = 0; k < D; ++k) {
+                        const S a = PLANAR ? acc[k * ps + p] : acc[(size_t)p * D + k];
+                        o[k] = bgc ? a + t * bgc[k] : a;
                     }
                     out_a[pix] = S(1) - t;
                     out_t[pix] = t;
-                    out_last[pix] = last[p];
+                    out_last[pix] = (int32_t)last[p];
                 }
             }
         }
@@ -221,7 +462,7 @@ void forward_impl(const Geom &G, int Dr, const S *means, const S *conics, const 
 // ---------------------------------------------------------------------------------------
 // Backward
 
-// The per-channel work of one (pixel, Gaussian) pair, back to front:
+// The per-channel work of one (pixel, Gaussian) pair, back to front (pixel-major layout):
 //   vr += fac * vc;  returns sum_k (col_k * t - bp_k * ra) * vc_k;  bp += col * fac.
 // The sum is split over 8 lanes so that the compiler can vectorise it (a strict-order float
 // reduction does not vectorise); the order is fixed, so results stay deterministic.
@@ -255,24 +496,34 @@ inline S channel_pass(int Dr, const S *__restrict__ col, const S *__restrict__ v
     return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
 }
 
-template <typename S, int DC>
-void backward_tiles(const Geom &G, int Dr, int R, bool absgrad, const S *means, const S *conics,
-                    const S *colors, const S *opac, const S *bg, const int32_t *offsets,
-                    const int32_t *flat, const S *t_final, const int32_t *last_ids,
-                    const S *v_out_c, const S *v_out_a, const int64_t *slot, S *rows) {
+constexpr int kPlanarMaxD = 4;  // PLANAR layout for D <= this
+
+template <typename S, int DC, bool PLANAR>
+void backward_tiles(const Geom &G, int Dr, int R, bool absgrad, const GPar<S> *par,
+                    const S *colors, const S *bg, const int32_t *offsets, const int32_t *flat,
+                    const S *t_final, const int32_t *last_ids, const S *v_out_c,
+                    const S *v_out_a, const int64_t *slot, S *rows) {
+    using L = Lanes<S>;
+    using V = typename L::V;
+    using M = typename L::M;
+    using I = typename L::I;
     const int D = DC > 0 ? DC : Dr;
     const int64_t ntask = G.C * G.TH * G.TW;
     const int ts = (int)G.ts;
     const int npix = ts * ts;
+    const size_t ps = padded(npix);
     const int nthreads = num_threads(ntask, G.M * 16 + G.C * G.H * G.W);
+    M iota;
+    for (int l = 0; l < kL; ++l) iota[l] = (I)l;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
 #endif
     {
-        std::vector<S> T(npix), Tf(npix), va(npix), bgdot(npix), buf((size_t)npix * D);
-        std::vector<int32_t> bin(npix);
-        std::vector<const S *> vcp(npix);
-        std::vector<S> vrgb(D);
+        // PLANAR: vcpl / buf are [D][pixel]; otherwise buf is [pixel][D] and v_out_c is read in place
+        std::vector<S> T(ps), Tf(ps), va(ps), bgdot(ps), buf(ps * D), pxc((size_t)ts + kL);
+        std::vector<S> vcpl(PLANAR ? ps * D : 0);
+        std::vector<I> bin(ps);
+        std::vector<S> vrgb(D), tl(kL), ral(kL), facl(kL), val(kL);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -290,22 +541,26 @@ void backward_tiles(const Geom &G, int Dr, int R, bool absgrad, const S *means, 
             const S *bgc = bg ? bg + cam * D : nullptr;
 
             int64_t max_bin = -1;
+            std::fill(bin.begin(), bin.end(), I(-1));  // padding lanes never take part
             for (int r = 0; r < ph; ++r) {
                 for (int q = 0; q < pw; ++q) {
                     const int p = r * pw + q;
                     const int64_t pix = (cam * G.H + y0 + r) * G.W + x0 + q;
                     T[p] = Tf[p] = t_final[pix];
                     va[p] = v_out_a[pix];
-                    bin[p] = last_ids[pix];
-                    max_bin = std::max<int64_t>(max_bin, bin[p]);
-                    vcp[p] = v_out_c + pix * D;
+                    bin[p] = (I)last_ids[pix];
+                    max_bin = std::max<int64_t>(max_bin, last_ids[pix]);
+                    const S *vc = v_out_c + pix * D;
                     S dot = S(0);
                     if (bgc)
-                        for (int k = 0; k < D; ++k) dot += bgc[k] * vcp[p][k];
+                        for (int k = 0; k < D; ++k) dot += bgc[k] * vc[k];
                     bgdot[p] = dot;
+                    if (PLANAR)
+                        for (int k = 0; k < D; ++k) vcpl[k * ps + p] = vc[k];
                 }
             }
-            std::fill(buf.begin(), buf.begin() + (size_t)np * D, S(0));
+            std::fill(buf.begin(), buf.begin() + (PLANAR ? ps * D : (size_t)np * D), S(0));
+            for (int q = 0; q < ts + kL; ++q) pxc[q] = (S)(x0 + q) + S(0.5);
 
             // rows of Gaussians behind every pixel's last contributor get zero gradient
             const int64_t start = std::max<int64_t>(rs - 1, std::min<int64_t>(re - 1, max_bin));
@@ -315,69 +570,102 @@ void backward_tiles(const Geom &G, int Dr, int R, bool absgrad, const S *means, 
             for (int64_t idx = start; idx >= rs; --idx) {
                 S *row = rows + slot[idx] * R;
                 const int64_t gid = flat[idx];
-                const S op = opac[gid];
-                const S mx = means[2 * gid], my = means[2 * gid + 1];
-                const S a = conics[3 * gid], b = conics[3 * gid + 1], c = conics[3 * gid + 2];
-                S s_skip;
+                if (idx - kPrefetch >= rs) prefetch(&par[flat[idx - kPrefetch]]);
+                const GPar<S> &g = par[gid];
                 Box bx;
-                if (!(op >= Consts<S>::kAlphaMin) ||
-                    !footprint<S>(mx, my, a, b, c, op, x0, y0, pw, ph, s_skip, bx)) {
+                if (!tile_box(g, x0, y0, pw, ph, bx)) {
                     std::fill(row, row + R, S(0));
                     continue;
                 }
                 const S *__restrict__ col = colors + gid * D;
-                S vx = 0, vy = 0, vca = 0, vcb = 0, vcc = 0, vop = 0, ax = 0, ay = 0;
-                std::fill(vrgb.begin(), vrgb.end(), S(0));
-                S *__restrict__ vr = vrgb.data();
+                const V zero = splat<V>(S(0));
+                V vx = zero, vy = zero, vca = zero, vcb = zero, vcc = zero, vop = zero, ax = zero,
+                  ay = zero;
+                V vrl[kPlanarMaxD];
+                for (int k = 0; k < kPlanarMaxD; ++k) vrl[k] = zero;
+                if (!PLANAR) std::fill(vrgb.begin(), vrgb.end(), S(0));
+                const V vmx = splat<V>(g.mx), vopac = splat<V>(g.op), vskip = splat<V>(g.s_skip);
+                const V amax = splat<V>(Consts<S>::kAlphaMax);
+                const M vidx = splat<M>((I)idx);
                 for (int r = bx.r0; r < bx.r1; ++r) {
-                    const S dy = my - ((S)(y0 + r) + S(0.5));
-                    for (int q = bx.c0; q < bx.c1; ++q) {
-                        const int p = r * pw + q;
-                        if (idx > bin[p]) continue;
-                        const S dx = mx - ((S)(x0 + q) + S(0.5));
-                        const S sigma = sigma_of(a, b, c, dx, dy);
-                        if (sigma > s_skip || sigma < S(0)) continue;
-                        const S vis = std::exp(-sigma);
-                        const S alpha = std::min(Consts<S>::kAlphaMax, op * vis);
-                        if (alpha < Consts<S>::kAlphaMin) continue;
+                    const S dy = g.my - ((S)(y0 + r) + S(0.5));
+                    const V vdy = splat<V>(dy);
+                    for (int q0 = bx.c0; q0 < bx.c1; q0 += kL) {
+                        const int p0 = r * pw + q0;
+                        M m = (M)(iota < splat<M>((I)(bx.c1 - q0))) & ~(M)(vidx > vload<M>(bin.data() + p0));
+                        if (!any(m)) continue;
+                        const V dx = vmx - vload<V>(pxc.data() + q0);
+                        const V sigma = sigma_of<V, S>(g.a, g.b, g.c, dx, vdy);
+                        m &= ~(M)(sigma > vskip) & ~(M)(sigma < zero);
+                        const V vis = exp_neg(sigma);
+                        const V ov = vopac * vis;
+                        const V alpha = sel((M)(ov < amax), ov, amax);
+                        m &= ~(M)(alpha < splat<V>(Consts<S>::kAlphaMin));
+                        if (!any(m)) continue;
 
-                        const S ra = S(1) / (S(1) - alpha);
-                        const S t = T[p] * ra;  // transmittance in front of this Gaussian
-                        T[p] = t;
-                        const S fac = alpha * t;
-                        const S *__restrict__ vc = vcp[p];
-                        S *__restrict__ bp = buf.data() + (size_t)p * D;
-                        S v_alpha = channel_pass<S, DC>(D, col, vc, bp, vr, t, ra, fac);
-                        v_alpha += Tf[p] * ra * va[p];
-                        if (bgc) v_alpha += -Tf[p] * ra * bgdot[p];
-
-                        if (op * vis <= Consts<S>::kAlphaMax) {  // no gradient through the clamp
-                            const S v_sigma = -op * vis * v_alpha;
-                            vca += S(0.5) * v_sigma * dx * dx;
-                            vcb += v_sigma * dx * dy;
-                            vcc += S(0.5) * v_sigma * dy * dy;
-                            const S gx = v_sigma * (a * dx + b * dy);
-                            const S gy = v_sigma * (b * dx + c * dy);
-                            vx += gx;
-                            vy += gy;
-                            if (absgrad) {
-                                ax += std::abs(gx);
-                                ay += std::abs(gy);
+                        const V ra = splat<V>(S(1)) / (splat<V>(S(1)) - alpha);
+                        const V T0 = vload<V>(T.data() + p0);
+                        const V t = T0 * ra;  // transmittance in front of this Gaussian
+                        vstore(T.data() + p0, sel(m, t, T0));
+                        const V fac = alpha * t;
+                        V v_alpha;
+                        if (PLANAR) {
+                            v_alpha = zero;
+                            for (int k = 0; k < D; ++k) {
+                                const V colk = splat<V>(col[k]);
+                                const V vck = vload<V>(vcpl.data() + k * ps + p0);
+                                S *bpp = buf.data() + k * ps + p0;
+                                const V bp = vload<V>(bpp);
+                                vrl[k] += sel(m, fac * vck, zero);
+                                v_alpha += (colk * t - bp * ra) * vck;
+                                vstore(bpp, sel(m, bp + colk * fac, bp));
                             }
-                            vop += vis * v_alpha;
+                        } else {
+                            vstore(tl.data(), t);
+                            vstore(ral.data(), ra);
+                            vstore(facl.data(), fac);
+                            std::fill(val.begin(), val.end(), S(0));
+                            for (uint32_t bits = lane_bits(m); bits; bits &= bits - 1) {
+                                const int l = __builtin_ctz(bits);
+                                const int p = p0 + l;
+                                const int64_t pix = (cam * G.H + y0 + r) * G.W + x0 + q0 + l;
+                                val[l] = channel_pass<S, DC>(D, col, v_out_c + pix * D,
+                                                             buf.data() + (size_t)p * D,
+                                                             vrgb.data(), tl[l], ral[l], facl[l]);
+                            }
+                            v_alpha = vload<V>(val.data());
                         }
+                        const V tf = vload<V>(Tf.data() + p0);
+                        v_alpha += tf * ra * vload<V>(va.data() + p0);
+                        if (bgc) v_alpha += -tf * ra * vload<V>(bgdot.data() + p0);
+
+                        // no gradient through the clamp
+                        const M gm = m & (M)(ov <= amax);
+                        const V v_sigma = -vopac * vis * v_alpha;
+                        vca += sel(gm, S(0.5) * v_sigma * dx * dx, zero);
+                        vcb += sel(gm, v_sigma * dx * vdy, zero);
+                        vcc += sel(gm, S(0.5) * v_sigma * vdy * vdy, zero);
+                        const V gx = v_sigma * (splat<V>(g.a) * dx + splat<V>(g.b) * vdy);
+                        const V gy = v_sigma * (splat<V>(g.b) * dx + splat<V>(g.c) * vdy);
+                        vx += sel(gm, gx, zero);
+                        vy += sel(gm, gy, zero);
+                        if (absgrad) {
+                            ax += sel(gm, sel((M)(gx < zero), -gx, gx), zero);
+                            ay += sel(gm, sel((M)(gy < zero), -gy, gy), zero);
+                        }
+                        vop += sel(gm, vis * v_alpha, zero);
                     }
                 }
-                row[0] = vx;
-                row[1] = vy;
-                row[2] = vca;
-                row[3] = vcb;
-                row[4] = vcc;
-                row[5] = vop;
-                for (int k = 0; k < D; ++k) row[6 + k] = vr[k];
+                row[0] = hsum<S>(vx);
+                row[1] = hsum<S>(vy);
+                row[2] = hsum<S>(vca);
+                row[3] = hsum<S>(vcb);
+                row[4] = hsum<S>(vcc);
+                row[5] = hsum<S>(vop);
+                for (int k = 0; k < D; ++k) row[6 + k] = PLANAR ? hsum<S>(vrl[k]) : vrgb[k];
                 if (absgrad) {
-                    row[6 + D] = ax;
-                    row[7 + D] = ay;
+                    row[6 + D] = hsum<S>(ax);
+                    row[7 + D] = hsum<S>(ay);
                 }
             }
         }
@@ -450,15 +738,19 @@ void dispatch_forward(const Geom &G, int D, const Tensor &means2d, const Tensor 
                       const Tensor &colors, const Tensor &opacities, const S *bg,
                       const Tensor &offsets, const Tensor &flat, Tensor &oc, Tensor &oa,
                       Tensor &ot, Tensor &ol) {
-#define PEPE_FWD(DC)                                                                          \
-    forward_impl<S, DC>(G, D, means2d.data_ptr<S>(), conics.data_ptr<S>(), colors.data_ptr<S>(), \
-                        opacities.data_ptr<S>(), bg, offsets.data_ptr<int32_t>(),             \
-                        flat.data_ptr<int32_t>(), oc.data_ptr<S>(), oa.data_ptr<S>(),         \
-                        ot.data_ptr<S>(), ol.data_ptr<int32_t>())
-    if (std::is_same<S, float>::value && D == 3) {
-        PEPE_FWD(3);
+    const std::vector<GPar<S>> par =
+        all_params<S>(G, means2d.data_ptr<S>(), conics.data_ptr<S>(), opacities.data_ptr<S>());
+#define PEPE_FWD(DC, PLANAR)                                                                 \
+    forward_impl<S, DC, PLANAR>(G, D, par.data(), colors.data_ptr<S>(), bg,                 \
+                                offsets.data_ptr<int32_t>(), flat.data_ptr<int32_t>(),      \
+                                oc.data_ptr<S>(), oa.data_ptr<S>(), ot.data_ptr<S>(),       \
+                                ol.data_ptr<int32_t>())
+    if (D <= kPlanarMaxD) {
+        PEPE_FWD(0, true);
+    } else if (std::is_same<S, float>::value && D == 32) {
+        PEPE_FWD(32, false);
     } else {
-        PEPE_FWD(0);
+        PEPE_FWD(0, false);
     }
 #undef PEPE_FWD
 }
@@ -512,16 +804,19 @@ void backward_typed(const Geom &G, int D, bool absgrad, const Tensor &means2d,
     Tensor rows_t = at::empty({std::max<int64_t>(M, 1), R}, means2d.options());
     S *rows = rows_t.data_ptr<S>();
     if (M > 0) {
-#define PEPE_BWD(DC)                                                                           \
-    backward_tiles<S, DC>(G, D, R, absgrad, means2d.data_ptr<S>(), conics.data_ptr<S>(),      \
-                          colors.data_ptr<S>(), opacities.data_ptr<S>(), bg,                  \
-                          offsets.data_ptr<int32_t>(), f, t_final.data_ptr<S>(),              \
-                          last_ids.data_ptr<int32_t>(), v_c.data_ptr<S>(), v_a.data_ptr<S>(), \
-                          slot.data(), rows)
-        if (std::is_same<S, float>::value && D == 3) {
-            PEPE_BWD(3);
+        const std::vector<GPar<S>> par = all_params<S>(G, means2d.data_ptr<S>(),
+                                                       conics.data_ptr<S>(), opacities.data_ptr<S>());
+#define PEPE_BWD(DC, PLANAR)                                                                   \
+    backward_tiles<S, DC, PLANAR>(G, D, R, absgrad, par.data(), colors.data_ptr<S>(), bg,     \
+                                  offsets.data_ptr<int32_t>(), f, t_final.data_ptr<S>(),      \
+                                  last_ids.data_ptr<int32_t>(), v_c.data_ptr<S>(),            \
+                                  v_a.data_ptr<S>(), slot.data(), rows)
+        if (D <= kPlanarMaxD) {
+            PEPE_BWD(0, true);
+        } else if (std::is_same<S, float>::value && D == 32) {
+            PEPE_BWD(32, false);
         } else {
-            PEPE_BWD(0);
+            PEPE_BWD(0, false);
         }
 #undef PEPE_BWD
     }
