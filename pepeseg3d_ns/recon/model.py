@@ -17,7 +17,7 @@ import math
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Type, Union
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 from torch.nn import Parameter
@@ -267,6 +267,8 @@ class PepeReconModelConfig(PepeSplatfactoModelConfig):
     _target: Type = field(default_factory=lambda: PepeReconModel)
     depth_loss_weight: float = 0.05
     """lambda_d: weight of the scale/shift-invariant depth loss against the depth prior (0 disables it)."""
+    depth_fit: Literal["robust", "lstsq"] = "robust"
+    """Fit of (alpha*, beta*): "robust" (median-of-squares start, least squares on inliers) or "lstsq" (the paper's)."""
     depth_min_alpha: float = 0.5
     """Pixels whose rendered opacity is below this are left out of the depth loss."""
     refine_boundaries: bool = True
@@ -316,7 +318,7 @@ class PepeReconModel(PepeSplatfactoModel):
         if depth.shape[:2] != prior.shape[:2]:
             raise ValueError(f"rendered depth {tuple(depth.shape[:2])} and depth prior {tuple(prior.shape[:2])} differ")
         valid = outputs["accumulation"] >= self.config.depth_min_alpha
-        loss, _, _ = depth_prior_loss(depth, prior.to(depth), valid)
+        loss, _, _ = depth_prior_loss(depth, prior.to(depth), valid, fit=self.config.depth_fit)
         loss_dict["depth_loss"] = self.config.depth_loss_weight * loss
         return loss_dict
 

@@ -137,7 +137,10 @@ def project_gaussians(
         ``compensations [C, N]`` (``sqrt(det(cov2d) / det(cov2d + eps2d))``, for antialiasing) or None.
 
     Written with elementwise ops and small matmuls; gsplat's reference ``_torch_impl`` uses 3-operand einsums
-    that take ~1 s for 50k Gaussians on 2 CPU cores.
+    that take ~1 s for 50k Gaussians on 2 CPU cores. One numerical difference: the 2D determinant is a sum of
+    squares (``|a0 x a1|^2 + eps2d * trace + eps2d^2``), not gsplat's ``c00 * c11 - c01^2``, which cancels in
+    float32 for a thin Gaussian seen edge-on near the camera (it came out <= 0 and was clamped to 1e-10: conics
+    ~1e19, gradients ~1e16 and, in the garden scene, NaN). Elsewhere the two agree to rounding.
     """
     rot = viewmats[:, None, :3, :3]  # [C, 1, 3, 3]
     m = quat_to_rotmat(quats) * scales[:, None, :]  # [N, 3, 3]: covariance = m m^T
@@ -160,10 +163,14 @@ def project_gaussians(
     c00 = (a0 * a0).sum(-1)
     c01 = (a0 * a1).sum(-1)
     c11 = (a1 * a1).sum(-1)
-    det_orig = c00 * c11 - c01 * c01
+    # det(cov2d) = c00 c11 - c01^2 = |a0 x a1|^2 (Lagrange's identity): a sum of squares, where the difference
+    # cancels catastrophically in float32 when cov2d is nearly rank 1 and large (a thin Gaussian seen edge-on close
+    # to the camera); and det(cov2d + eps2d I) = det(cov2d) + eps2d (c00 + c11) + eps2d^2, all terms >= 0.
+    cross = torch.linalg.cross(a0, a1, dim=-1)
+    det_orig = (cross * cross).sum(-1)
+    det = (det_orig + eps2d * (c00 + c11) + eps2d * eps2d).clamp(min=1e-10)
     c00 = c00 + eps2d
     c11 = c11 + eps2d
-    det = (c00 * c11 - c01 * c01).clamp(min=1e-10)
     comp = torch.sqrt(torch.clamp(det_orig / det, min=0.0)) if compensations else None
     conics = torch.stack([c11 / det, -c01 / det, c00 / det], dim=-1)
     means2d = torch.stack([fx * tx * inv_z + cx, fy * ty * inv_z + cy], dim=-1)
