@@ -14,6 +14,8 @@ import torch
 from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
 from tb_logs import scalars
 
+pytestmark = pytest.mark.slow  # the module fixture trains pepe-recon for 300 steps
+
 
 @pytest.fixture(scope="module")
 def tiny_scene(tmp_path_factory) -> Path:
