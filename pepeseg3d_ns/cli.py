@@ -31,6 +31,9 @@ class Synth:
     resolution: int = 128
     """Image width = height in pixels."""
     seed: int = 0
+    eval_interval: Optional[int] = None
+    """Hold out every N-th view (views 0, N, 2N, ...) for evaluation, written into transforms.json (SPIn-NeRF's
+    protocol: 8); default: the dataparser's own split."""
     overwrite: bool = False
     preview: bool = True
     """Also write preview.png: a few views with GT depth and parts / objects / groups maps."""
@@ -42,7 +45,7 @@ class Synth:
         out = generate_scene(
             SynthConfig(
                 scene=self.scene, output_dir=self.output_dir, n_views=self.n_views, resolution=self.resolution,
-                seed=self.seed, overwrite=self.overwrite,
+                seed=self.seed, overwrite=self.overwrite, eval_interval=self.eval_interval,
             )
         )
         if self.preview:
