@@ -1247,9 +1247,10 @@ def load_hierarchy(scene_dir: Path) -> dict:
 def entity_widths(scene_dir: Path, level: str = "parts") -> dict[str, dict[str, float]]:
     """How many pixels across each entity of ``level`` is, over the views where it is visible.
 
-    The width of a mask in one view is the diameter of the largest disc inside it, ``2 * max`` of its Euclidean
-    distance transform (a 3-px-wide stripe is ~3 px wide, however long). Returns ``name -> {"median", "min",
-    "max", "views"}`` (widths in pixels; ``views`` = number of views showing it)."""
+    The width of a mask in one view is ``2 * d - 1``, where ``d`` is the largest Euclidean distance from one of its
+    pixels to a pixel outside it (a stripe ``w`` px wide gives ``w`` for odd ``w``, ``w - 1`` for even ``w``,
+    however long it is). Returns ``name -> {"median", "min", "max", "views"}`` (widths in pixels; ``views`` =
+    number of views showing it)."""
     from scipy.ndimage import distance_transform_edt
 
     scene_dir = Path(scene_dir)
@@ -1260,6 +1261,6 @@ def entity_widths(scene_dir: Path, level: str = "parts") -> dict[str, dict[str, 
         ids = load_gt_masks(scene_dir, Path(fr["file_path"]).stem, level)
         for i in np.unique(ids):
             if int(i) in widths:
-                widths[int(i)].append(2.0 * float(distance_transform_edt(np.pad(ids == i, 1)).max()))
+                widths[int(i)].append(2.0 * float(distance_transform_edt(np.pad(ids == i, 1)).max()) - 1.0)
     return {names[i]: {"median": float(np.median(w)), "min": float(np.min(w)), "max": float(np.max(w)), "views": len(w)}
             for i, w in widths.items() if w}
