@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-SLOW_TIMEOUT_S = 1800
+SLOW_TIMEOUT_S = 3600
 """Limit for a test marked ``slow`` (it trains in a fixture, which the limit includes); the default is pyproject's
 ``timeout``."""
 

@@ -660,7 +660,7 @@ def _hallway(rng: np.random.Generator) -> Scene:
         b.box(p, s0 + [x + hw, 0.0, 0.04 + hh + 0.001], (hw, hd, hh),
               Texture("stripes", c, tuple(0.55 * np.asarray(c)), scale=0.08, noise=0.2, axis=2))
         p = b.part("label", o)
-        b.box(p, s0 + [x + hw, -hd - 0.002, 0.04 + hh + 0.03], (hw * 0.7, 0.003, 0.02),
+        b.box(p, s0 + [x + hw, hd + 0.002, 0.04 + hh + 0.03], (hw * 0.7, 0.003, 0.02),  # spine away from the table
               Texture("solid", (0.95, 0.95, 0.9), noise=0.2))
         x += 2 * hw + 0.004
 
