@@ -118,7 +118,7 @@ def test_ns_eval_cli(runs, tmp_path):
     out_json = tmp_path / "eval.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(["ns-eval", "--load-config", str(cfg), "--output-path", str(out_json)],
-                          capture_output=True, text=True, timeout=600, env=env)
+                          capture_output=True, text=True, timeout=1800, env=env)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     results = json.loads(out_json.read_text())["results"]
     seg = results["segmentation"]

@@ -16,7 +16,7 @@ from tb_logs import scalars
 
 pytestmark = pytest.mark.slow  # the module fixture trains pepe-recon for 300 steps
 
-PSNR_MARGIN_DB = 4.0
+PSNR_MARGIN_DB = 3.0
 """How far above the flat-colour predictor the 300-step run must be (see flat_colour_psnr)."""
 
 
@@ -88,7 +88,7 @@ def test_short_training_run_converges_and_reloads(trained_run):
     assert report["step"] == 299
     assert report["num_gaussians"] > 500
     flat = flat_colour_psnr(trained_run)
-    # measured: FLAT_MEASURED; the margin is about half the measured gap
+    # measured 2026-12-02: 22.57 dB against the flat predictor's 16.52 dB (one held-out view); margin = half the gap
     assert report["psnr"] > flat + PSNR_MARGIN_DB, (report, flat)
     ckpts = list((trained_run.parent / "nerfstudio_models").glob("step-*.ckpt"))
     assert len(ckpts) == 1
@@ -120,7 +120,7 @@ def test_ns_eval_cli_on_cpu_checkpoint(trained_run, tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         ["ns-eval", "--load-config", str(trained_run), "--output-path", str(out_json)],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=1800, env=env,  # pytest-timeout catches a hang
     )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     import json
