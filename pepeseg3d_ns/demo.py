@@ -49,7 +49,7 @@ def make_config(data: Path, output_dir: Path, steps: int, device: str, seed: int
     config.steps_per_save = steps
     config.save_only_latest_checkpoint = True
     config.steps_per_eval_image = 500
-    config.steps_per_eval_all_images = 10 * steps  # evaluated once, after training
+    config.steps_per_eval_all_images = 10 * steps  # never during training: PepeTrainer evaluates all after the last step
     config.pipeline.model.compute_lpips = False
     config.logging.local_writer.enable = True
     return short_schedule(config, steps)
@@ -87,6 +87,7 @@ def make_contrast_config(recon_config: Path, output_dir: Path, steps: int, devic
     config.save_only_latest_checkpoint = True
     config.steps_per_eval_image = 10 * steps
     config.steps_per_eval_all_images = 10 * steps
+    config.eval_at_end = "images"  # PSNR only after the last step: the callers run label propagation themselves
     config.logging.steps_per_log = max(1, min(50, steps // 40))
     config.logging.local_writer.enable = True
     config.pipeline.model.compute_lpips = False

@@ -21,15 +21,21 @@ restricted YAML loader).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Literal, Optional, Type
+from typing import Dict, List, Literal, Optional, Type
 
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import writer
 from nerfstudio.utils.decorators import check_main_thread
+from nerfstudio.utils.misc import step_check
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from pepeseg3d_ns.errors import UserError, UserFileNotFoundError
+
+FINAL_EVAL_FILE = "final_eval.json"
+"""Written into the run folder by the evaluation after the last step (step + metrics)."""
 
 
 @dataclass
@@ -41,6 +47,9 @@ class PepeTrainerConfig(TrainerConfig):
     """Rescale the step-valued schedule (warm-up, densification, opacity reset, SH degree, refinement start,
     learning-rate decay) to --max-num-iterations; fields you set yourself are kept. False: splatfacto's 30k-step
     numbers as they are. A resumed run (--load-dir) keeps the original run's schedule instead."""
+    eval_at_end: Literal["all", "images", "off"] = "all"
+    """Evaluate every held-out view after the last step, log it and write final_eval.json: all = the pipeline's
+    full evaluation (pepe-contrast: with segmentation mIoU), images = PSNR / SSIM only, off = none."""
 
     def get_checkpoint_dir(self) -> Path:
         """The run's ``nerfstudio_models/``. A run folder that was moved or copied (its config.yml names the old
@@ -99,6 +108,35 @@ class PepeTrainer(Trainer):
         if changed and self.local_rank == 0 and test_mode == "val":
             self.config.save_config()  # config.yml holds what the run used (ns-eval / ns-viewer read it)
         super().setup(test_mode=test_mode)
+
+    def _after_train(self) -> None:
+        self.evaluate_all_views()
+        super()._after_train()
+
+    @check_main_thread
+    def evaluate_all_views(self) -> Optional[Dict[str, float]]:
+        """Evaluate every held-out view at the current step (see :attr:`PepeTrainerConfig.eval_at_end`), log
+        the metrics and write them to ``final_eval.json``; None when off, without held-out views, or when this
+        step already had nerfstudio's all-views evaluation."""
+        mode = getattr(self.config, "eval_at_end", "off")
+        if mode == "off" or not self.pipeline.datamanager.eval_dataset:
+            return None
+        if step_check(self.step, self.config.steps_per_eval_all_images):
+            return None  # nerfstudio evaluated this step already
+        from nerfstudio.pipelines.base_pipeline import VanillaPipeline
+
+        with self.train_lock:
+            if mode == "images":
+                metrics = VanillaPipeline.get_average_eval_image_metrics(self.pipeline, step=self.step)
+            else:
+                metrics = self.pipeline.get_average_eval_image_metrics(step=self.step)
+        scalars = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) or getattr(v, "ndim", None) == 0}  # not the per-object dicts
+        writer.put_dict(name="Eval Images Metrics Dict (all images)", scalar_dict=scalars, step=self.step)
+        (self.base_dir / FINAL_EVAL_FILE).write_text(json.dumps({"step": self.step, "metrics": scalars}, indent=2))
+        shown = ", ".join(f"{k} {scalars[k]:.4g}" for k in ("psnr", "ssim", "miou") if k in scalars)
+        CONSOLE.log(f"All {len(self.pipeline.datamanager.eval_dataset)} held-out views at step {self.step}: {shown}")
+        return scalars
 
     # ------------------------------------------------------------------ resume
     def _checkpoint_to_resume(self) -> Optional[Path]:

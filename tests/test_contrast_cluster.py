@@ -64,12 +64,15 @@ def test_min_similarity_leaves_far_points_unassigned():
     x, _, _ = blobs(n=600, seed=5)
     far = F.normalize(torch.ones(1, 32), dim=1) * -1.0  # cosine < 0 to every blob centre
     x = torch.cat([x, far])
-    res = cluster_features(x, method=LIGHT, max_points=300, min_cluster_size=15, min_similarity=0.5, seed=0)
-    if res.subsample[-1] != 600:  # the far point was not sampled: it was up for assignment and refused
-        assert res.labels[600] == -1
-    res = cluster_features(x, method=LIGHT, max_points=300, min_cluster_size=15, seed=0)
-    if res.subsample[-1] != 600:
-        assert res.labels[600] >= 0
+    # seed 2 leaves row 600 (the far point) out of the 300-point subsample, so it is up for assignment
+    res = cluster_features(x, method=LIGHT, max_points=300, min_cluster_size=15, min_similarity=0.5, seed=2)
+    assert 600 not in res.subsample.tolist()
+    assert res.num_clusters == 3
+    assert res.labels[600] == -1  # its best cosine is < 0.5: refused
+    assert (res.labels[:600] >= 0).sum() > 550  # the blob points are assigned as before
+    res = cluster_features(x, method=LIGHT, max_points=300, min_cluster_size=15, seed=2)
+    assert 600 not in res.subsample.tolist()
+    assert res.labels[600] >= 0  # without min_similarity every row gets its nearest centroid
 
 
 def test_deterministic_for_fixed_seed():

@@ -14,6 +14,11 @@ import torch
 from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
 from tb_logs import scalars
 
+pytestmark = pytest.mark.slow  # the module fixture trains pepe-recon for 300 steps
+
+PSNR_MARGIN_DB = 3.0
+"""How far above the flat-colour predictor the 300-step run must be (see flat_colour_psnr)."""
+
 
 @pytest.fixture(scope="module")
 def tiny_scene(tmp_path_factory) -> Path:
@@ -39,6 +44,21 @@ def trained_run(tiny_scene, tmp_path_factory) -> Path:
     config.save_config()
     train_loop(local_rank=0, world_size=1, config=config)
     return config.get_base_dir() / "config.yml"
+
+
+def flat_colour_psnr(config_path: Path) -> float:
+    """Mean PSNR over the held-out views of the best flat-colour predictor: each view predicted by its own mean
+    colour (the constant that minimises its MSE), the trivial baseline a trained model must beat."""
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    _, pipeline, _, _ = eval_setup(config_path, test_mode="test")
+    psnrs = []
+    for _, batch in pipeline.datamanager.fixed_indices_eval_dataloader:
+        img = batch["image"][..., :3]
+        img = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+        mse = float(((img - img.mean(dim=(0, 1))) ** 2).mean())
+        psnrs.append(-10.0 * np.log10(mse))
+    return float(np.mean(psnrs))
 
 
 def test_method_registered_and_module_light():
@@ -67,7 +87,9 @@ def test_short_training_run_converges_and_reloads(trained_run):
     report = evaluate_run(trained_run)
     assert report["step"] == 299
     assert report["num_gaussians"] > 500
-    assert report["psnr"] > 17.0, report  # 300 steps at 48 px; the demo reaches > 25 dB at 128 px / 3000 steps
+    flat = flat_colour_psnr(trained_run)
+    # measured 2026-12-02: 22.57 dB against the flat predictor's 16.52 dB (one held-out view); margin = half the gap
+    assert report["psnr"] > flat + PSNR_MARGIN_DB, (report, flat)
     ckpts = list((trained_run.parent / "nerfstudio_models").glob("step-*.ckpt"))
     assert len(ckpts) == 1
     state = torch.load(ckpts[0], map_location="cpu")  # weights_only=True on torch >= 2.6
@@ -98,13 +120,33 @@ def test_ns_eval_cli_on_cpu_checkpoint(trained_run, tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         ["ns-eval", "--load-config", str(trained_run), "--output-path", str(out_json)],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, timeout=1800, env=env,  # pytest-timeout catches a hang
     )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     import json
 
+    from pepeseg3d_ns.demo import evaluate_run
+
     results = json.loads(out_json.read_text())["results"]
-    assert results["psnr"] > 17.0
+    ours = evaluate_run(trained_run)  # the same held-out views through our own loop
+    assert results["psnr"] == pytest.approx(ours["psnr"], abs=1e-3)
+    assert results["ssim"] == pytest.approx(ours["ssim"], abs=1e-4)
+    assert results["psnr"] > flat_colour_psnr(trained_run) + PSNR_MARGIN_DB
+
+
+def test_final_all_views_eval_logged(trained_run):
+    """PepeTrainer evaluates every held-out view after the last step (the run's only all-views evaluation:
+    steps_per_eval_all_images is beyond the run) and logs it; its PSNR is that of the finished model."""
+    import json
+
+    from pepeseg3d_ns.demo import evaluate_run
+
+    logged = scalars(trained_run.parent, "Eval Images Metrics Dict (all images)/psnr")
+    assert [s for s, _ in logged] == [299], logged
+    final = json.loads((trained_run.parent / "final_eval.json").read_text())
+    assert final["step"] == 299
+    assert final["metrics"]["psnr"] == pytest.approx(logged[0][1], abs=1e-4)
+    assert final["metrics"]["psnr"] == pytest.approx(evaluate_run(trained_run)["psnr"], abs=1e-3)
 
 
 def test_missing_transforms_json_is_a_clear_error(tmp_path):

@@ -332,3 +332,66 @@ def test_other_layouts_render(tmp_path: Path):
         for stem in _stems(out):
             objs |= set(np.unique(load_gt_masks(out, stem, "objects")).tolist())
         assert len(objs - {0}) >= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark protocol: held-out split, the hallway scene, entity widths
+# ----------------------------------------------------------------------------------------------
+
+
+def test_eval_interval_split_in_transforms(tmp_path: Path):
+    from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
+
+    out = _gen(tmp_path / "s", n_views=10, resolution=16, n_init_points=50, eval_interval=4)
+    meta = json.loads((out / "transforms.json").read_text())
+    held = [f"images/frame_{i:05d}.png" for i in (0, 4, 8)]
+    assert meta["test_filenames"] == meta["val_filenames"] == held
+    assert len(meta["train_filenames"]) == 7 and not set(held) & set(meta["train_filenames"])
+    assert meta["pepe_synthetic"]["eval_interval"] == 4
+    # nerfstudio reads the lists whatever its eval_mode says
+    parser = PepeDataParserConfig(data=out, eval_mode="fraction").setup()
+    test = parser.get_dataparser_outputs("test")
+    assert [p.name for p in test.image_filenames] == [Path(h).name for h in held]
+    assert len(parser.get_dataparser_outputs("train").image_filenames) == 7
+    assert test.metadata["gt_masks"].image_names == [Path(h).name for h in held]
+    with pytest.raises(ValueError, match="eval_interval"):
+        _gen(tmp_path / "bad", n_views=4, eval_interval=5)
+    plain = json.loads((_gen(tmp_path / "plain", n_views=3, resolution=16, n_init_points=50) / "transforms.json").read_text())
+    assert "test_filenames" not in plain and "eval_interval" not in plain["pepe_synthetic"]
+
+
+def test_hallway_has_thin_parts_and_same_size_siblings():
+    scene = build_scene("hallway", seed=0)
+    names = {p.name for p in scene.parts}
+    assert {"mug_0/handle", "hat_top/brim", "hat_arm/brim", "spoon_1/handle", "book_7/cover"} <= names
+
+    def extent(obj_name, part="cover"):
+        pid = next(p.id for p in scene.parts if p.name == f"{obj_name}/{part}")
+        prims = [pr for pr in scene.primitives if pr.part == pid]
+        lo = np.min([pr.aabb()[0] for pr in prims], 0)
+        hi = np.max([pr.aabb()[1] for pr in prims], 0)
+        return hi - lo
+
+    books = [extent(f"book_{k}") for k in range(8)]
+    assert all(np.allclose(b, books[0]) for b in books)  # eight books of one size
+    mugs = [extent(f"mug_{k}", "body") for k in range(3)]
+    assert all(np.allclose(m, mugs[0]) for m in mugs)
+    assert extent("hat_top", "brim")[2] == pytest.approx(0.01)  # a 1 cm brim
+    assert extent("spoon_0", "handle")[2] == pytest.approx(0.006)
+
+
+def test_entity_widths_on_a_hand_made_map(tmp_path: Path):
+    from pepeseg3d_ns.data.synthetic import entity_widths
+
+    (tmp_path / "gt" / "parts").mkdir(parents=True)
+    ids = np.zeros((20, 20), np.uint16)
+    ids[2:18, 3:6] = 1  # a stripe 3 px wide
+    ids[5:10, 10:15] = 2  # a 5 x 5 square
+    Image.fromarray(ids).save(tmp_path / "gt" / "parts" / "frame_00000.png")
+    (tmp_path / "transforms.json").write_text(json.dumps({"frames": [{"file_path": "images/frame_00000.png"}]}))
+    rows = [{"id": 0, "name": "background", "parent": 0}, {"id": 1, "name": "a/stripe", "parent": 1},
+            {"id": 2, "name": "a/square", "parent": 1}, {"id": 3, "name": "a/hidden", "parent": 1}]
+    (tmp_path / "gt" / "hierarchy.json").write_text(json.dumps({"parts": rows}))
+    w = entity_widths(tmp_path, "parts")
+    assert w["a/stripe"]["median"] == 3.0 and w["a/square"]["median"] == 5.0
+    assert w["a/stripe"]["views"] == 1 and "a/hidden" not in w

@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -63,6 +63,7 @@ __all__ = [
     "camera_poses",
     "build_scene",
     "intrinsics",
+    "entity_widths",
 ]
 
 LEVELS = ("parts", "objects", "groups")
@@ -561,10 +562,118 @@ def _garden(rng: np.random.Generator) -> Scene:
     return b.build(ground, _SKY, light_dir=(-0.4, -0.5, 0.8), cam_dist_factor=0.65, target_height=0.3)
 
 
+def _mug(b: SceneBuilder, o: int, base: np.ndarray, yaw: float, body_tex: Texture, handle_tex: Texture,
+         r: float = 0.045, hh: float = 0.05, tube: float = 0.009) -> None:
+    """A mug on the surface point ``base``: cylinder body + a handle ring of small spheres (``tube`` radius)."""
+    p = b.part("body", o)
+    b.cylinder(p, base + [0, 0, hh], r, hh, body_tex)
+    p = b.part("handle", o)
+    ring = 0.03
+    for ang in np.linspace(-math.pi / 2, math.pi / 2, 9):
+        local = [r + ring * 0.55 * math.cos(ang) + 0.004, 0.0, hh + ring * math.sin(ang)]
+        b.sphere(p, _to_world(base, yaw, local), tube, handle_tex)
+
+
+def _hat(b: SceneBuilder, o: int, base: np.ndarray, felt: Texture, band: Texture) -> None:
+    """A hat whose brim (1 cm thick, 15 cm radius) lies at ``base``: brim + crown."""
+    p = b.part("brim", o)
+    b.cylinder(p, base + [0, 0, 0.005], 0.15, 0.005, felt)
+    p = b.part("crown", o)
+    b.cylinder(p, base + [0, 0, 0.07], 0.075, 0.06, band)
+
+
+def _hallway(rng: np.random.Generator) -> Scene:
+    """Built around what fails at 128 px: thin parts (mug handles, hat brims, spoon handles) and many same-size
+    siblings (three identical mugs, eight books of one size side by side)."""
+    b = SceneBuilder("hallway", rng)
+
+    # --- console table ------------------------------------------------------------
+    g_console = b.group("console")
+    o_table = b.object("table", g_console)
+    top_h, tx, ty, tt = 0.72, 0.45, 0.2, 0.018
+    t0 = b.jit(0.02)
+    wood = Texture("stripes", b.col((0.55, 0.35, 0.2)), b.col((0.35, 0.2, 0.1)), scale=0.07, noise=0.3, axis=0)
+    p = b.part("top", o_table)
+    b.box(p, t0 + [0, 0, top_h - tt], (tx, ty, tt), wood)
+    p = b.part("legs", o_table)
+    lh = (top_h - 2 * tt) / 2
+    for sx in (-1, 1):
+        for sy in (-1, 1):
+            b.box(p, t0 + [sx * (tx - 0.04), sy * (ty - 0.04), lh], (0.02, 0.02, lh),
+                  Texture("noise", (0.3, 0.18, 0.1), (0.5, 0.32, 0.18), scale=0.05, noise=0.2))
+
+    # --- tea set: three identical mugs and two spoons -------------------------------
+    g_tea = b.group("tea_set")
+    cup = Texture("stripes", b.col((0.2, 0.45, 0.8), 0.02), (0.95, 0.95, 0.92), scale=0.035, noise=0.15, axis=2)
+    grip = Texture("noise", (0.95, 0.8, 0.2), (0.7, 0.5, 0.1), scale=0.02, noise=0.2)
+    for k, x in enumerate((-0.32, -0.17, -0.02)):
+        o = b.object(f"mug_{k}", g_tea)
+        _mug(b, o, t0 + [x, 0.06, top_h] + b.jit(0.01), rng.uniform(-0.5, 0.5) - 0.6, cup, grip)
+    metal = Texture("noise", b.col((0.8, 0.8, 0.84)), b.col((0.45, 0.45, 0.5)), scale=0.015, noise=0.25)
+    for k, x in enumerate((0.17, 0.31)):
+        o = b.object(f"spoon_{k}", g_tea)
+        c = t0 + [x, -0.06, top_h] + b.jit(0.01)
+        yaw = math.pi / 2 + rng.uniform(-0.25, 0.25)
+        p = b.part("bowl", o)
+        b.ellipsoid(p, _to_world(c + [0, 0, 0.008], yaw, [-0.065, 0, 0]), (0.03, 0.021, 0.008), metal, rot=rot_z(yaw))
+        p = b.part("handle", o)
+        b.box(p, _to_world(c + [0, 0, 0.003], yaw, [0.045, 0, 0]), (0.08, 0.008, 0.003), metal, yaw=yaw)
+
+    # --- hat stand with two hats ------------------------------------------------------
+    g_hats = b.group("hat_stand")
+    o_stand = b.object("stand", g_hats)
+    sc = np.array([-0.72, 0.36, 0.0]) + b.jit(0.03)
+    iron = Texture("noise", (0.2, 0.2, 0.22), (0.4, 0.4, 0.45), scale=0.03, noise=0.3)
+    p = b.part("base", o_stand)
+    b.cylinder(p, sc + [0, 0, 0.015], 0.16, 0.015, iron)
+    p = b.part("pole", o_stand)
+    b.cylinder(p, sc + [0, 0, 0.66], 0.015, 0.64, iron)
+    p = b.part("arm", o_stand)
+    b.cylinder(p, sc + [0, -0.11, 0.9], 0.012, 0.11, iron, rot=rot_axis_to((0, 1, 0)))
+    b.cylinder(p, sc + [0, -0.22, 0.925], 0.012, 0.035, iron)
+    felt = Texture("noise", b.col((0.15, 0.12, 0.1)), b.col((0.35, 0.25, 0.18)), scale=0.03, noise=0.2)
+    band = Texture("stripes", felt.c1, b.col((0.7, 0.1, 0.1)), scale=0.06, noise=0.2, axis=2)
+    o = b.object("hat_top", g_hats)
+    _hat(b, o, sc + [0, 0, 1.3], felt, band)
+    straw = Texture("stripes", b.col((0.9, 0.8, 0.5)), b.col((0.75, 0.62, 0.35)), scale=0.02, noise=0.2, axis=0)
+    o = b.object("hat_arm", g_hats)
+    _hat(b, o, sc + [0, -0.22, 0.96], straw, Texture("stripes", straw.c1, (0.2, 0.3, 0.7), scale=0.05, axis=2))
+
+    # --- open book rack (a board between two bookends) with eight books of one size ---------
+    g_shelf = b.group("book_rack")
+    o_shelf = b.object("rack", g_shelf)
+    s0 = np.array([0.1, 0.45, 0.0]) + b.jit(0.02)
+    W, Dp, t = 0.3, 0.12, 0.015
+    pale = Texture("stripes", b.col((0.85, 0.75, 0.55)), b.col((0.6, 0.45, 0.28)), scale=0.06, noise=0.3, axis=2)
+    p = b.part("bookends", o_shelf)
+    for sx in (-1, 1):
+        b.box(p, s0 + [sx * (W - t), 0, 0.13], (t, Dp, 0.13), pale)
+    p = b.part("board", o_shelf)
+    b.box(p, s0 + [0, 0, 0.02], (W - 2 * t, Dp, 0.02), Texture("stripes", pale.c1, pale.c2, scale=0.06, axis=0))
+    g_books = b.group("books")
+    cols = [(0.75, 0.12, 0.12), (0.12, 0.3, 0.7), (0.12, 0.5, 0.25), (0.85, 0.7, 0.12)]
+    hw, hh, hd = 0.024, 0.11, 0.1
+    x = -(W - 2 * t) + 0.012
+    for k in range(8):
+        o = b.object(f"book_{k}", g_books)
+        c = b.col(cols[k % 4], 0.03)
+        p = b.part("cover", o)
+        b.box(p, s0 + [x + hw, 0.0, 0.04 + hh + 0.001], (hw, hd, hh),
+              Texture("stripes", c, tuple(0.55 * np.asarray(c)), scale=0.08, noise=0.2, axis=2))
+        p = b.part("label", o)
+        b.box(p, s0 + [x + hw, hd + 0.002, 0.04 + hh + 0.03], (hw * 0.7, 0.003, 0.02),  # spine away from the table
+              Texture("solid", (0.95, 0.95, 0.9), noise=0.2))
+        x += 2 * hw + 0.004
+
+    ground = Texture("ground", b.col((0.55, 0.5, 0.46), 0.03), b.col((0.3, 0.28, 0.26), 0.03), scale=0.25, noise=0.35)
+    return b.build(ground, _SKY, light_dir=(0.35, -0.55, 0.8), cam_dist_factor=0.78, target_height=0.4)
+
+
 SCENES: dict[str, Callable[[np.random.Generator], Scene]] = {
     "tabletop": _tabletop,
     "shelf": _shelf,
     "garden": _garden,
+    "hallway": _hallway,
 }
 
 
@@ -923,6 +1032,7 @@ class SynthConfig:
     point_noise: float = 0.01  # std of gaussian noise on init points, in scene units (metres)
     overwrite: bool = False
     detail: float = 0.0  # contrast of a fine (~1.5 cm) world-space grain on every surface, 0 = none: gives SfM features
+    eval_interval: Optional[int] = None  # hold out every N-th view (0, N, 2N, ...) in transforms.json; None: parser's split
 
 
 def _level_maps(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
@@ -1010,6 +1120,9 @@ def generate_scene(cfg: SynthConfig, progress: bool = True) -> Path:
         raise ValueError(f"unknown synthetic scene {cfg.scene!r}; valid choices: {', '.join(sorted(SCENES))}")
     if cfg.n_views < 1 or cfg.resolution < 4:
         raise ValueError("n_views must be >= 1 and resolution >= 4")
+    if cfg.eval_interval is not None and not 2 <= cfg.eval_interval <= cfg.n_views:
+        raise ValueError(f"eval_interval must be in [2, n_views={cfg.n_views}] (every N-th view held out), "
+                         f"got {cfg.eval_interval}")
     out = Path(cfg.output_dir)
     if (out / "transforms.json").exists():
         if not cfg.overwrite:
@@ -1096,6 +1209,13 @@ def generate_scene(cfg: SynthConfig, progress: bool = True) -> Path:
         },
         "frames": frames,
     }
+    if cfg.eval_interval is not None:
+        # SPIn-NeRF's protocol: every N-th view (0, N, 2N, ...) held out; nerfstudio reads these lists instead of
+        # its eval_mode split
+        held = [f["file_path"] for i, f in enumerate(frames) if i % cfg.eval_interval == 0]
+        transforms["train_filenames"] = [f["file_path"] for i, f in enumerate(frames) if i % cfg.eval_interval]
+        transforms["val_filenames"] = transforms["test_filenames"] = held
+        transforms["pepe_synthetic"]["eval_interval"] = int(cfg.eval_interval)
     _atomic_write_text(out / "transforms.json", json.dumps(transforms, indent=1))
     return out
 
@@ -1127,3 +1247,25 @@ def load_gt_depth(scene_dir: Path, stem: str) -> np.ndarray:
 def load_hierarchy(scene_dir: Path) -> dict:
     """Parsed ``gt/hierarchy.json``."""
     return json.loads((Path(scene_dir) / "gt" / "hierarchy.json").read_text())
+
+
+def entity_widths(scene_dir: Path, level: str = "parts") -> dict[str, dict[str, float]]:
+    """How many pixels across each entity of ``level`` is, over the views where it is visible.
+
+    The width of a mask in one view is ``2 * d - 1``, where ``d`` is the largest Euclidean distance from one of its
+    pixels to a pixel outside it (a stripe ``w`` px wide gives ``w`` for odd ``w``, ``w - 1`` for even ``w``,
+    however long it is). Returns ``name -> {"median", "min", "max", "views"}`` (widths in pixels; ``views`` =
+    number of views showing it)."""
+    from scipy.ndimage import distance_transform_edt
+
+    scene_dir = Path(scene_dir)
+    names = {e["id"]: e["name"] for e in load_hierarchy(scene_dir)[level] if e["id"] != 0}
+    meta = json.loads((scene_dir / "transforms.json").read_text())
+    widths: dict[int, list[float]] = {i: [] for i in names}
+    for fr in meta["frames"]:
+        ids = load_gt_masks(scene_dir, Path(fr["file_path"]).stem, level)
+        for i in np.unique(ids):
+            if int(i) in widths:
+                widths[int(i)].append(2.0 * float(distance_transform_edt(np.pad(ids == i, 1)).max()) - 1.0)
+    return {names[i]: {"median": float(np.median(w)), "min": float(np.min(w)), "max": float(np.max(w)), "views": len(w)}
+            for i, w in widths.items() if w}
