@@ -435,6 +435,245 @@ def sample_pairs(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the training path: per-pixel mask sets (pepeseg3d_ns.priors.pixel_masks.PixelMasks)
+# ----------------------------------------------------------------------------------------------------------------
+#
+# The functions above take a dense ``member [P, M]`` (from ``masks [M, H, W]``) and are the reference definitions.
+# The functions below compute the same quantities from a PixelMasks, gathering only what the sampled pixels need,
+# with static shapes and no host-device synchronisation: nothing reads a tensor back, the number of sampled pixels
+# is fixed, and a sampled pixel that is not covered (possible only when the image holds fewer covered pixels than
+# the step samples) is flagged instead of removed. Their inputs come from the model's own draws and are not
+# re-validated (validation of the priors happens once, when they are loaded).
+
+PAIR_CHUNK = 16384
+"""Pairs evaluated at once by :func:`set_pair_targets` (bounds its ``[chunk, L]`` temporaries)."""
+
+
+def _usable(pm, mask_scales: Tensor) -> Tensor:
+    """bool [M]: masks with a finite scale and at least one pixel."""
+    return torch.isfinite(mask_scales) & (pm.mask_area > 0)
+
+
+def _set_terms(pm, mask_scales: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per set ``c``: ``count [C]`` (usable masks), ``area_sum [C]`` float64 (their summed areas) and
+    ``inv_area_sum [C]`` float64 (sum of ``1 / area``). ``O(C L)``."""
+    c = pm.num_sets
+    if pm.num_masks == 0:
+        z = torch.zeros(c, dtype=torch.float64, device=pm.device)
+        return torch.zeros(c, dtype=torch.long, device=pm.device), z, z.clone()
+    sm = pm.set_masks.long()
+    idx = sm.clamp(min=0)
+    ok = (sm >= 0) & _usable(pm, mask_scales)[idx]
+    area = pm.mask_area.double()[idx]
+    zero = torch.zeros_like(area)
+    area_sum = torch.where(ok, area, zero).sum(1)
+    inv = torch.where(ok, 1.0 / area.clamp(min=1), zero).sum(1)
+    return ok.sum(1), area_sum, inv
+
+
+def _omega_from_raw(raw: Tensor, covered: Tensor, w_min: float, w_max: float) -> Tensor:
+    """``omega`` of eq. 7 from ``raw = 1 / mean area`` (float64 [K]), min-max over ``covered [K]``; 0 elsewhere
+    (float32). The same arithmetic as :func:`pixel_weights`, without reading anything back."""
+    inf = torch.full_like(raw, float("inf"))
+    lo = torch.where(covered, raw, inf).min() if raw.numel() else raw.new_zeros(())
+    hi = torch.where(covered, raw, -inf).max() if raw.numel() else raw.new_zeros(())
+    flat = (hi - lo) <= 1e-12 * hi
+    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+    w = torch.where(flat, torch.full_like(raw, float(w_min)), w_min + (w_max - w_min) * (raw - lo) / span)
+    return torch.where(covered, w, torch.zeros_like(w)).float()
+
+
+def set_draw_weights(pm, mask_scales: Tensor, mode: str = "mask", mix: float = 0.5,
+                     w_min: float = 1.0, w_max: float = 10.0) -> Tensor:
+    """float64 ``[C]``: the draw weight of *each pixel* of set ``c`` (0 for pixels in no usable mask).
+
+    * ``"uniform"``: 1 on covered pixels;
+    * ``"omega"``: ``omega(p)`` of eq. 7 normalised over the image's covered pixels (what :func:`pixel_weights`
+      gives on all covered pixels; each set has at least one pixel, so min and max over sets are those over pixels);
+    * ``"mask"``: the probability of :func:`mask_balanced_probabilities`,
+      ``(1 - mix) / n_covered + mix / M' * sum_{m in c} 1 / area(m)``.
+
+    Args:
+        pm: :class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`; mask_scales: ``float [M]`` (NaN = unknown).
+    """
+    count, area_sum, inv = _set_terms(pm, mask_scales)
+    covered = count > 0
+    if mode == "uniform":
+        return covered.double()
+    if mode == "omega":
+        raw = count.double() / area_sum.clamp(min=1)
+        return _omega_from_raw(raw, covered, w_min, w_max).double()
+    if mode == "mask":
+        n_cov = (covered.long() * pm.set_area).sum().clamp(min=1).double()
+        m_used = _usable(pm, mask_scales).sum().clamp(min=1).double()
+        w = (1.0 - mix) / n_cov + mix * inv / m_used
+        return torch.where(covered, w, torch.zeros_like(w))
+    raise ValueError(f"pixel sampling mode must be 'uniform', 'omega' or 'mask', got {mode!r}")
+
+
+def draw_pixels(pm, set_weights: Tensor, n: int, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """``n`` distinct pixels drawn without replacement with probability proportional to their set's weight.
+
+    The draw is the exponential race ("Gumbel top-k"): every pixel gets the key ``w(p) / E_p`` with
+    ``E_p ~ Exp(1)`` i.i.d., and the ``n`` largest keys win. That is the law of drawing pixels one after another
+    with probability proportional to ``w`` among those not yet drawn (what ``torch.multinomial(w, n,
+    replacement=False)`` does). ``O(H W)`` elementwise work and a top-k, no ``O(H W M)``; numbers come from
+    ``generator`` on its device (the model's).
+
+    Args:
+        pm: PixelMasks; set_weights: ``float [C]`` from :func:`set_draw_weights` (>= 0).
+        n: pixels to draw (at most ``H * W``).
+
+    Returns:
+        ``pix``: long ``[n]`` flat indices ``y * W + x``; ``ok``: bool ``[n]``, False for a pixel of weight 0 (drawn
+        only when fewer than ``n`` pixels have a positive weight; such a pixel is to be ignored).
+    """
+    hw = pm.height * pm.width
+    n = min(int(n), hw)
+    w = set_weights.float().index_select(0, pm.pixel_set)  # [H*W]
+    race = torch.empty(hw, device=w.device, dtype=torch.float32)
+    if generator is not None and generator.device != w.device:
+        race = race.to(generator.device)
+    race.exponential_(generator=generator)
+    key = w / race.to(w.device)
+    pix = torch.topk(key, n, sorted=False).indices
+    return pix, w.index_select(0, pix) > 0
+
+
+def covered_pixels(pm, mask_scales: Tensor) -> Tensor:
+    """bool ``[H, W]``: pixels inside at least one usable mask (``O(H W)``; the centroid refresh needs it)."""
+    count, _, _ = _set_terms(pm, mask_scales)
+    return (count > 0).index_select(0, pm.pixel_set).reshape(pm.height, pm.width)
+
+
+class SampledMasks(NamedTuple):
+    """The usable masks of ``P`` sampled pixels, finest first (the order of :func:`mask_rank` with areas).
+
+    ``sets [P]`` each pixel's set id, ``masks [P, L]`` mask ids (-1 = padding), ``scales [P, L]`` their scales
+    (+inf = padding; nondecreasing along a row), ``count [P]`` usable masks, ``area_sum [P]`` float64 their summed
+    areas. ``L`` is the image's largest number of masks on one pixel (a constant of the PixelMasks).
+    """
+
+    sets: Tensor
+    masks: Tensor
+    scales: Tensor
+    count: Tensor
+    area_sum: Tensor
+
+
+def gather_sampled(pm, pix: Tensor, mask_scales: Tensor) -> SampledMasks:
+    """:class:`SampledMasks` of the pixels ``pix [P]`` (flat indices). ``O(P L log L + M log M)``."""
+    sets = pm.sets_of(pix)
+    p, L, m = sets.shape[0], pm.max_masks_per_pixel, pm.num_masks
+    dev = sets.device
+    if m == 0:
+        return SampledMasks(sets, torch.full((p, L), -1, dtype=torch.long, device=dev),
+                            torch.full((p, L), float("inf"), dtype=mask_scales.dtype, device=dev),
+                            torch.zeros(p, dtype=torch.long, device=dev), torch.zeros(p, dtype=torch.float64, device=dev))
+    raw = pm.set_masks.index_select(0, sets).long()  # [P, L] ascending ids, -1 padded
+    idx = raw.clamp(min=0)
+    ok = (raw >= 0) & _usable(pm, mask_scales)[idx]
+    rank = mask_rank(mask_scales, pm.mask_area)
+    inv = torch.empty_like(rank)
+    inv[rank] = torch.arange(m, device=dev)
+    r = torch.sort(torch.where(ok, rank[idx], torch.full_like(idx, m)), dim=1).values
+    pad = r >= m
+    masks = torch.where(pad, torch.full_like(r, -1), inv[r.clamp(max=m - 1)])
+    sc = torch.where(pad, torch.full(r.shape, float("inf"), dtype=mask_scales.dtype, device=dev),
+                     mask_scales[masks.clamp(min=0)])
+    area = pm.mask_area.double()[idx]
+    area_sum = torch.where(ok, area, torch.zeros_like(area)).sum(1)
+    return SampledMasks(sets, masks, sc.contiguous(), ok.sum(1), area_sum)
+
+
+def set_pixel_weights(sm: SampledMasks, w_min: float = 1.0, w_max: float = 10.0) -> Tensor:
+    """``omega(p)`` (eq. 7) of the sampled pixels, min-max normalised over the covered ones: float32 ``[P]``, equal
+    to :func:`pixel_weights` on the same pixels (0 for an uncovered one)."""
+    covered = sm.count > 0
+    raw = sm.count.double() / sm.area_sum.clamp(min=1)
+    return _omega_from_raw(raw, covered, w_min, w_max)
+
+
+def _set_labels(sm: SampledMasks, rows: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+    """Active labels ``[K]`` of sampled pixels ``rows`` at scales ``s`` and ``t [K]``, their number of masks finer
+    than ``s`` (the finest-first list's entries below ``t`` have scale ``< s``)."""
+    seq = sm.scales.index_select(0, rows)  # [K, L]
+    t = torch.searchsorted(seq, s.to(seq.dtype)[:, None].contiguous(), side="left").squeeze(1)
+    L = seq.shape[1]
+    lab = sm.masks.flatten().index_select(0, rows * L + t.clamp(max=L - 1))
+    return torch.where(t < sm.count.index_select(0, rows), lab, torch.full_like(lab, -1)), t
+
+
+def set_pair_targets(pm, sm: SampledMasks, i: Tensor, j: Tensor, s: Tensor) -> Dict[str, Tensor]:
+    """:func:`pair_targets` of pairs ``(i[k], j[k])`` of sampled pixels (rows of ``sm``) at scales ``s [K]``: dict
+    of ``positive``, ``hard``, ``valid`` (bool [K]), ``label_i``, ``label_j`` (long [K]). The common finer mask is
+    found by reading, for each of ``i``'s masks finer than ``s``, one bit of ``j``'s set (``O(K L)``, in chunks of
+    :data:`PAIR_CHUNK` pairs)."""
+    covered = sm.count > 0
+    out: Dict[str, list] = {k: [] for k in ("positive", "hard", "valid", "label_i", "label_j")}
+    L = sm.masks.shape[1]
+    pos = torch.arange(L, device=sm.masks.device)[None, :]
+    for a in range(0, i.shape[0], PAIR_CHUNK):
+        ii, jj, ss = i[a : a + PAIR_CHUNK], j[a : a + PAIR_CHUNK], s[a : a + PAIR_CHUNK]
+        valid = covered.index_select(0, ii) & covered.index_select(0, jj) & (ii != jj)
+        li, ti = _set_labels(sm, ii, ss)
+        lj, _ = _set_labels(sm, jj, ss)
+        same = (li == lj) & (li >= 0)
+        mi = sm.masks.index_select(0, ii)  # [k, L] finest first
+        in_j = pm.contains(sm.sets.index_select(0, jj)[:, None], torch.where(pos < ti[:, None], mi, -1))
+        finer = in_j.any(1)
+        out["positive"].append(valid & (same | finer))
+        out["hard"].append(valid & same & ~finer)
+        out["valid"].append(valid)
+        out["label_i"].append(li)
+        out["label_j"].append(lj)
+    dev = sm.masks.device
+    return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long if k.startswith("label") else torch.bool,
+                                                   device=dev) for k, v in out.items()}
+
+
+def set_sample_pairs(
+    pm,
+    sm: SampledMasks,
+    n_pairs: int,
+    hard_fraction: float = 0.25,
+    candidate_factor: int = 8,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Dict[str, Tensor]]:
+    """:func:`sample_pairs` on sampled pixels described by ``sm``, returning the pairs' targets too.
+
+    Same procedure and the same random numbers in the same order (so, with equal generator states and at least two
+    covered pixels, the same pairs as :func:`sample_pairs` on the dense membership of the same pixels), but with
+    static shapes: the covered rows are the first ``v`` entries of a stable sort instead of a ``nonzero``, ``v`` stays
+    a tensor, and when ``v < 2`` the ``n_pairs`` pairs come out flagged invalid instead of the output being empty.
+
+    Returns:
+        ``i, j`` long ``[n_pairs]``, ``s`` float32 ``[n_pairs]``, and :func:`set_pair_targets` of those pairs.
+    """
+    dev = sm.masks.device
+    covered = sm.count > 0
+    v = covered.sum()
+    covered_rows = torch.argsort((~covered).to(torch.int8), stable=True)  # covered rows first, ascending
+    n_pairs, candidate_factor = int(n_pairs), int(candidate_factor)
+    n_c = candidate_factor * n_pairs
+    ia = _randint_below(v.expand(n_c), generator).clamp(min=0)
+    off = 1 + _randint_below((v - 1).expand(n_c), generator)
+    ja = (ia + off) % v.clamp(min=1)
+    s_c = _rand(n_c, generator, dev).float()
+    i_c, j_c = covered_rows[ia], covered_rows[ja]
+    n_h = int(round(hard_fraction * n_pairs))
+    n_u = n_pairs - n_h
+    t_c = set_pair_targets(pm, sm, i_c, j_c, s_c)
+    keep = torch.arange(n_u, device=dev)
+    if n_h > 0:
+        hard = t_c["hard"][n_u:]
+        order = torch.argsort((~hard).to(torch.int8), stable=True)  # hard candidates first, in draw order
+        keep = torch.cat([keep, n_u + order[:n_h]])
+    keep = keep[torch.argsort(_rand(n_pairs, generator, dev))]
+    return i_c[keep], j_c[keep], s_c[keep], {k: val[keep] for k, val in t_c.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # perception pairs (paper eq. 4)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -470,13 +709,22 @@ class PerceptionPairs(NamedTuple):
     theta_c: Tensor  # float [P]: colour threshold (RGB Euclidean units)
 
 
-def _integral(x: Tensor) -> Tensor:
-    """Zero-padded 2-D integral images of ``x [C, H, W]`` (float64): ``[C, H + 1, W + 1]``.
-
-    Channels first: torch's CPU cumsum is several times faster along contiguous dimensions.
-    """
-    cs = x.double().cumsum(2).cumsum(1)
-    return torch.nn.functional.pad(cs, (1, 0, 1, 0))
+def _integral(parts) -> Tensor:
+    """Zero-padded 2-D integral images (float64) ``[C, H + 1, W + 1]`` of the channels ``parts`` (a tensor
+    ``[C, H, W]`` or a list of ``[c_i, H, W]`` pieces, concatenated): written into one buffer and summed in place
+    (one ``C x (H+1) x (W+1)`` allocation). Channels first: torch's CPU cumsum is several times faster along
+    contiguous dimensions."""
+    parts = [parts] if isinstance(parts, Tensor) else list(parts)
+    c = sum(p.shape[0] for p in parts)
+    h, w = parts[0].shape[1:]
+    out = torch.zeros(c, h + 1, w + 1, dtype=torch.float64, device=parts[0].device)
+    k = 0
+    for p in parts:
+        out[k : k + p.shape[0], 1:, 1:] = p
+        k += p.shape[0]
+    out.cumsum_(2)
+    out.cumsum_(1)
+    return out
 
 
 def _box_sum(integral: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor) -> Tensor:
@@ -498,9 +746,8 @@ def normalise_depth(depth_prior: Tensor) -> Tensor:
     d = depth_prior.double()
     med = d.flatten().median()
     mad = (d - med).abs().mean()
-    if float(mad) <= 0.0:
-        return torch.zeros_like(d)
-    return (d - med) / mad
+    flat = mad <= 0.0
+    return torch.where(flat, torch.zeros_like(d), (d - med) / torch.where(flat, torch.ones_like(mad), mad))
 
 
 def perception_pairs(
@@ -565,8 +812,19 @@ def perception_pairs(
         raise ValueError("image has non-finite values")
     dev = image.device
     pix = _check_index(pix, h * w, "pix").to(dev)
+    s_t = _broadcast_scale(s, pix.shape[0], dev)
+    return _perception_pairs(image, depth_prior.to(dev), pix, s_t, radius_fn, generator, k_depth, k_colour, eps)
+
+
+def _perception_pairs(image: Tensor, depth_prior: Tensor, pix: Tensor, s_t: Tensor,
+                      radius_fn: Optional[Callable[[Tensor, int, int], Tensor]] = None,
+                      generator: Optional[torch.Generator] = None, k_depth: float = 1.0, k_colour: float = 1.0,
+                      eps: float = 1e-6) -> PerceptionPairs:
+    """:func:`perception_pairs` without validation (no read-back): ``image [H, W, 3]`` and ``depth_prior [H, W]``
+    finite and on one device, ``pix`` long ``[P]`` in range, ``s_t [P]`` finite (the training step's own inputs)."""
+    h, w, _ = image.shape
+    dev = image.device
     n = pix.shape[0]
-    s_t = _broadcast_scale(s, n, dev)
     fn = radius_fn if radius_fn is not None else radius_px
     r = torch.as_tensor(fn(s_t, h, w), device=dev).long().reshape(-1)
     if r.shape[0] != n:
@@ -588,8 +846,7 @@ def perception_pairs(
     d = normalise_depth(depth_prior.to(dev))
     img = image.double()
     chw = img.permute(2, 0, 1)
-    feats = torch.cat([d[None], d[None] ** 2, chw, chw**2], dim=0)  # [8, H, W]
-    sums = _box_sum(_integral(feats), y0, y1, x0, x1) / area[:, None].double()  # window means [P, 8]
+    sums = _box_sum(_integral([d[None], d[None] ** 2, chw, chw**2]), y0, y1, x0, x1) / area[:, None].double()
     var_d = (sums[:, 1] - sums[:, 0] ** 2).clamp(min=0)
     var_c = (sums[:, 5:8] - sums[:, 2:5] ** 2).clamp(min=0).sum(1)
     sig_d, sig_c = var_d.sqrt(), var_c.sqrt()

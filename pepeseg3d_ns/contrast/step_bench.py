@@ -143,8 +143,10 @@ def make_batch(resolution: Resolution, num_masks: int = 60, seed: int = 0, devic
     non-empty and every non-top mask lies inside an earlier mask. Mask scales are the rank of ``sqrt(area)`` mapped to
     [0, 1] (ties by index), i.e. what the scene's quantile transform gives when size grows with area.
 
-    Returns ``{"image": float32 [H, W, 3] in [0, 1], "sam_masks": bool [M, H, W], "sam_mask_areas": int64 [M],
-    "mask_scales": float32 [M], "depth_prior": float32 [H, W, 1] (smooth, larger = nearer)}`` on ``device``.
+    Returns ``{"image": float32 [H, W, 3] in [0, 1], "pixel_masks": PixelMasks (what the datamanager hands the
+    model), "mask_scales": float32 [M], "depth_prior": float32 [H, W, 1] (smooth, larger = nearer)}`` on ``device``,
+    plus the dense reference ``"sam_masks": bool [M, H, W]`` and ``"sam_mask_areas": int64 [M]`` (the model does
+    not read them).
     """
     H, W = _check_resolution(resolution)
     if num_masks < 1:
@@ -186,8 +188,11 @@ def make_batch(resolution: Resolution, num_masks: int = 60, seed: int = 0, devic
     scales = rank / max(num_masks - 1, 1)
     depth = 1.0 + 0.5 * torch.sin(xx / W * 3.0) * torch.cos(yy / H * 2.0)
     image = torch.rand(H, W, 3, generator=g)
+    from pepeseg3d_ns.priors.pixel_masks import PixelMasks
+
     batch = {
         "image": image,
+        "pixel_masks": PixelMasks.from_dense(masks),
         "sam_masks": masks,
         "sam_mask_areas": areas.long(),
         "mask_scales": scales,
@@ -416,7 +421,7 @@ def _worker(cfg: dict) -> dict:
     row.update(setup_s=info["setup_s"], knn_s=info["knn_s"])
     camera = make_camera((H, W), device=device)
     batch = make_batch((H, W), num_masks=int(cfg["num_masks"]), seed=cfg["seed"], device=device)
-    row["covered_px"] = int(batch["sam_masks"].any(0).sum())
+    row["covered_px"] = int((batch["pixel_masks"].set_masks[:, 0] >= 0).long()[batch["pixel_masks"].pixel_set.long()].sum())
     opt = make_optimizer(model)
     c0, every = model.config.centroid_start, model.config.centroid_every
 

@@ -8,18 +8,19 @@ each image attached from the on-disk cache (:mod:`pepeseg3d_ns.priors.cache`).
 pins host memory, which raises without a GPU; there the images stay in ordinary memory) and it hands every
 training step the priors of its image:
 
-* ``batch["prior_masks"]``: the :class:`~pepeseg3d_ns.priors.masks.MaskSet` (bit-packed; what the image cache
-  keeps for every image, so the whole scene's masks stay compact in memory);
-* ``batch["sam_masks"]``: ``bool [M, H, W]`` dense masks of this one image on the model's device;
-* ``batch["sam_mask_areas"]``: ``int64 [M]`` pixel areas;
+* ``batch["pixel_masks"]``: the image's SAM masks as per-pixel mask sets
+  (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`: a set id per pixel and small tables, about 4 bytes a
+  pixel; built once per image when the image cache is filled, never expanded to ``[M, H, W]``), on the model's
+  device; its ``mask_area`` is the ``int64 [M]`` pixel areas;
 * ``batch["depth_prior"]``: ``float32 [H, W, 1]`` relative inverse depth (larger = nearer, unknown scale and
   shift), on the model's device;
-* ``batch["mask_scales"]``: ``float32 [M]`` each mask's scale in [0, 1] (NaN = unknown), only when
-  :attr:`PepeDatamanager.scene_scales` is set (pepe-contrast sets it from ``scales.json``).
+* ``batch["mask_scales"]``: ``float32 [M]`` each mask's scale in [0, 1] (NaN = unknown), on the model's device,
+  only when :attr:`PepeDatamanager.scene_scales` is set (pepe-contrast sets it from ``scales.json``).
 
-All are at the resolution of the (possibly ``camera_res_scale_factor``-scaled) image. When splatfacto renders
-at a further reduced resolution early in training, :func:`downscale_prior_batch` brings them to it the same
-way splatfacto downsamples the image.
+All are at the resolution of the (possibly ``camera_res_scale_factor``-scaled) image. On CUDA they are copied
+from pinned memory without blocking the host. When splatfacto renders at a further reduced resolution early in
+training, :func:`downscale_prior_batch` brings the depth prior to it the same way splatfacto downsamples the
+image (the masks stay at full resolution: refinement looks them up at the scaled pixel coordinates).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ class PepeDataset(InputDataset):
     prior_cache = None  # a pepeseg3d_ns.priors.cache.PriorCache, set by PepeDatamanager
 
     def get_metadata(self, data: Dict) -> Dict:
-        """Priors of image ``data["image_idx"]`` resized to ``data["image"]``'s size: ``prior_masks`` (MaskSet)
-        and ``depth_prior [H, W, 1]`` float32. Empty when no cache is attached."""
+        """Priors of image ``data["image_idx"]`` resized to ``data["image"]``'s size: ``pixel_masks``
+        (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`, on the host) and ``depth_prior [H, W, 1]`` float32
+        (checked finite here, once per image). Empty when no cache is attached."""
+        from pepeseg3d_ns.priors.pixel_masks import PixelMasks
+
         if self.prior_cache is None:
             return {}
         path = Path(self._dataparser_outputs.image_filenames[data["image_idx"]])
@@ -58,7 +62,10 @@ class PepeDataset(InputDataset):
             masks = masks.resized(h, w)
         if tuple(depth.shape) != (h, w):
             depth = F.interpolate(depth[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        return {"prior_masks": masks, "depth_prior": depth[..., None]}
+        if not bool(torch.isfinite(depth).all()):
+            raise ValueError(f"the depth prior of {path} has NaN or infinite values; rebuild the priors "
+                             "(`pepeseg3d priors --data SCENE`)")
+        return {"pixel_masks": PixelMasks.from_maskset(masks), "depth_prior": depth[..., None]}
 
     def get_numpy_image(self, image_idx: int) -> np.ndarray:
         """Image ``[H, W, 3 or 4] uint8`` of training image ``image_idx``; clear errors for unreadable files."""
@@ -136,18 +143,17 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
     def next_train(self, step: int) -> Tuple[Cameras, Dict]:
         """One training image (see the module docstring for the prior keys added to the batch)."""
         camera, data = super().next_train(step)
-        if "prior_masks" in data:
-            masks = data["prior_masks"]
-            data["sam_masks"] = masks.to_torch(self.device)
-            data["sam_mask_areas"] = torch.from_numpy(masks.areas).to(self.device)
-            data["depth_prior"] = data["depth_prior"].to(self.device)
+        if "pixel_masks" in data:
+            masks = data["pixel_masks"]
+            data["pixel_masks"] = _to_device(masks, self.device)
+            data["depth_prior"] = _to_device(data["depth_prior"], self.device)
             if self.scene_scales is not None:
                 stem = Path(self.train_dataset.image_filenames[data["image_idx"]]).stem
-                scales = torch.from_numpy(self.scene_scales.scales(stem))
-                if scales.shape[0] != len(masks):
-                    raise ValueError(f"{stem}: {scales.shape[0]} mask scales for {len(masks)} masks; recompute the "
-                                     "scales (`pepeseg3d scales --load-config RECON_RUN/config.yml`)")
-                data["mask_scales"] = scales.to(self.device)
+                scales = torch.from_numpy(np.ascontiguousarray(self.scene_scales.scales(stem), dtype=np.float32))
+                if scales.shape[0] != masks.num_masks:
+                    raise ValueError(f"{stem}: {scales.shape[0]} mask scales for {masks.num_masks} masks; recompute "
+                                     "the scales (`pepeseg3d scales --load-config RECON_RUN/config.yml`)")
+                data["mask_scales"] = _to_device(scales, self.device)
         return camera, data
 
     def _load_images(self, split: Literal["train", "eval"], cache_images_device: Literal["cpu", "gpu"]) -> List[Dict[str, torch.Tensor]]:
@@ -157,22 +163,22 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
         return super()._load_images(split, cache_images_device)
 
 
+def _to_device(x, device):
+    """``x`` (a tensor or a PixelMasks) on ``device``; to CUDA through pinned memory, without blocking the host."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def downscale_prior_batch(batch: Dict, factor: int) -> Dict:
-    """Priors of ``batch`` at ``1/factor`` resolution, downsampled the way splatfacto downsamples the image
-    (``factor x factor`` box average with stride ``factor``, so ``H // factor`` rows); masks keep the pixels
-    more than half covered. Returns a new dict with ``sam_masks [M, H', W']``, ``sam_mask_areas [M]`` and
-    ``depth_prior [H', W', 1]``; other keys are shared with ``batch``."""
-    if factor <= 1 or "sam_masks" not in batch:
+    """The depth prior of ``batch`` at ``1/factor`` resolution, downsampled the way splatfacto downsamples the
+    image (``factor x factor`` box average with stride ``factor``, so ``H // factor`` rows). Returns a new dict
+    with ``depth_prior [H', W', 1]``; other keys (``pixel_masks`` too, which stays at full resolution) are shared
+    with ``batch``."""
+    if factor <= 1 or "depth_prior" not in batch:
         return batch
     out = dict(batch)
-    masks = batch["sam_masks"]
-    if masks.shape[0] > 0:
-        pooled = F.avg_pool2d(masks[:, None].float(), kernel_size=factor, stride=factor)[:, 0]
-        out["sam_masks"] = pooled > 0.5
-    else:
-        h, w = masks.shape[1] // factor, masks.shape[2] // factor
-        out["sam_masks"] = masks.new_zeros((0, h, w))
-    out["sam_mask_areas"] = out["sam_masks"].flatten(1).sum(1)
     depth = batch["depth_prior"].permute(2, 0, 1)[None]
     out["depth_prior"] = F.avg_pool2d(depth, kernel_size=factor, stride=factor)[0].permute(1, 2, 0)
     return out
