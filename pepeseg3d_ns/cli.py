@@ -1,4 +1,5 @@
-"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``scales``, ``demo``, ``bench-render``, ``bench-priors``.
+"""The ``pepeseg3d`` command: ``synth``, ``priors``, ``scales``, ``demo``, ``bench-render``, ``bench-contrast``,
+``bench-step``, ``bench-priors``.
 
 Each subcommand is a small dataclass parsed by tyro (``pepeseg3d SUBCOMMAND --help`` lists its options).
 Heavy imports happen inside the subcommands so ``pepeseg3d --help`` stays fast.
@@ -15,6 +16,7 @@ from typing_extensions import Annotated
 
 import tyro
 
+from pepeseg3d_ns.contrast.data_bench import BenchStep
 from pepeseg3d_ns.contrast.step_bench import BenchContrast
 from pepeseg3d_ns.priors.cli import Priors
 
@@ -260,7 +262,7 @@ def entrypoint() -> None:
     cmd = tyro.extras.subcommand_cli_from_dict(
         {"synth": Synth, "priors": Priors, "scales": Scales, "demo": Demo, "recon-ablation": ReconAblation, "segment": Segment, "decompose": Decompose,
          "benchmark": Benchmark,
-         "bench-render": BenchRender, "bench-contrast": BenchContrast,
+         "bench-render": BenchRender, "bench-contrast": BenchContrast, "bench-step": BenchStep,
          "bench-priors": BenchPriors},
         description="PePESeg3D for nerfstudio: tools around ns-train pepe-recon / pepe-contrast.",
     )

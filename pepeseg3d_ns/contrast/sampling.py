@@ -445,8 +445,8 @@ def sample_pairs(
 # the step samples) is flagged instead of removed. Their inputs come from the model's own draws and are not
 # re-validated (validation of the priors happens once, when they are loaded).
 
-PAIR_CHUNK = 16384
-"""Pairs evaluated at once by :func:`set_pair_targets` (bounds its ``[chunk, L]`` temporaries)."""
+PAIR_CHUNK = 65536
+"""Pairs evaluated at once by :func:`set_pair_targets` (bounds its ``[chunk, W]`` temporaries)."""
 
 
 def _usable(pm, mask_scales: Tensor) -> Tensor:
@@ -535,7 +535,7 @@ def draw_pixels(pm, set_weights: Tensor, n: int, generator: Optional[torch.Gener
     if generator is not None and generator.device != w.device:
         race = race.to(generator.device)
     race.exponential_(generator=generator)
-    key = w / race.to(w.device)
+    key = w / race.to(w.device).clamp(min=torch.finfo(torch.float32).tiny)  # E = 0 would make 0 / 0 = NaN
     pix = torch.topk(key, n, sorted=False).indices
     return pix, w.index_select(0, pix) > 0
 
@@ -547,43 +547,53 @@ def covered_pixels(pm, mask_scales: Tensor) -> Tensor:
 
 
 class SampledMasks(NamedTuple):
-    """The usable masks of ``P`` sampled pixels, finest first (the order of :func:`mask_rank` with areas).
+    """The usable masks of ``P`` sampled pixels as bit sets in "finest first" order.
 
-    ``sets [P]`` each pixel's set id, ``masks [P, L]`` mask ids (-1 = padding), ``scales [P, L]`` their scales
-    (+inf = padding; nondecreasing along a row), ``count [P]`` usable masks, ``area_sum [P]`` float64 their summed
-    areas. ``L`` is the image's largest number of masks on one pixel (a constant of the PixelMasks).
+    Masks are numbered by their rank (:func:`mask_rank` with the areas as tie-break: scale ascending, then area,
+    then index; unknown scales last). Since ranks sort by scale first, the masks with ``s_M < s`` are exactly the
+    ranks below ``r(s) = #{m : s_m < s}``, for every ``s``; so "a common mask finer than ``s``" is one AND against
+    the low ``r(s)`` bits, and the active label is the lowest set bit at or above ``r(s)`` (the finest mask with
+    ``s_M >= s``). Per pair that is ``O(W)`` word operations, ``W = ceil(M / 64)``, whatever the masks' depth.
+
+    ``sets [P]`` each pixel's set id, ``bits [P, W]`` int64 (bit ``r % 64`` of word ``r // 64`` = the mask of rank
+    ``r`` holds the pixel and is usable), ``count [P]`` usable masks, ``area_sum [P]`` float64 their summed areas,
+    ``by_rank [M]`` mask id of each rank, ``rank_scales [M]`` their scales in rank order (+inf = unknown).
     """
 
     sets: Tensor
-    masks: Tensor
-    scales: Tensor
+    bits: Tensor
     count: Tensor
     area_sum: Tensor
+    by_rank: Tensor
+    rank_scales: Tensor
 
 
 def gather_sampled(pm, pix: Tensor, mask_scales: Tensor) -> SampledMasks:
-    """:class:`SampledMasks` of the pixels ``pix [P]`` (flat indices). ``O(P L log L + M log M)``."""
+    """:class:`SampledMasks` of the pixels ``pix [P]`` (flat indices). ``O(P L + M log M)``."""
     sets = pm.sets_of(pix)
-    p, L, m = sets.shape[0], pm.max_masks_per_pixel, pm.num_masks
+    p, m = sets.shape[0], pm.num_masks
     dev = sets.device
+    nw = max(1, (m + 63) // 64)
     if m == 0:
-        return SampledMasks(sets, torch.full((p, L), -1, dtype=torch.long, device=dev),
-                            torch.full((p, L), float("inf"), dtype=mask_scales.dtype, device=dev),
-                            torch.zeros(p, dtype=torch.long, device=dev), torch.zeros(p, dtype=torch.float64, device=dev))
+        z = torch.zeros(p, dtype=torch.long, device=dev)
+        return SampledMasks(sets, torch.zeros(p, 1, dtype=torch.long, device=dev), z,
+                            torch.zeros(p, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.long, device=dev),
+                            torch.zeros(0, dtype=mask_scales.dtype, device=dev))
     raw = pm.set_masks.index_select(0, sets).long()  # [P, L] ascending ids, -1 padded
     idx = raw.clamp(min=0)
     ok = (raw >= 0) & _usable(pm, mask_scales)[idx]
     rank = mask_rank(mask_scales, pm.mask_area)
-    inv = torch.empty_like(rank)
-    inv[rank] = torch.arange(m, device=dev)
-    r = torch.sort(torch.where(ok, rank[idx], torch.full_like(idx, m)), dim=1).values
-    pad = r >= m
-    masks = torch.where(pad, torch.full_like(r, -1), inv[r.clamp(max=m - 1)])
-    sc = torch.where(pad, torch.full(r.shape, float("inf"), dtype=mask_scales.dtype, device=dev),
-                     mask_scales[masks.clamp(min=0)])
+    by_rank = torch.empty_like(rank)
+    by_rank[rank] = torch.arange(m, device=dev)
+    finite = torch.isfinite(mask_scales)
+    rank_scales = torch.where(finite, mask_scales, torch.full_like(mask_scales, float("inf")))[by_rank]
+    r = rank[idx]
+    word = torch.where(ok, torch.div(r, 64, rounding_mode="floor"), torch.full_like(r, nw))  # column nw: discarded
+    bit = torch.where(ok, torch.bitwise_left_shift(torch.ones_like(r), r % 64), torch.zeros_like(r))
+    bits = torch.zeros(p, nw + 1, dtype=torch.long, device=dev).scatter_add_(1, word, bit)[:, :nw]  # distinct bits: + is |
     area = pm.mask_area.double()[idx]
     area_sum = torch.where(ok, area, torch.zeros_like(area)).sum(1)
-    return SampledMasks(sets, masks, sc.contiguous(), ok.sum(1), area_sum)
+    return SampledMasks(sets, bits.contiguous(), ok.sum(1), area_sum, by_rank, rank_scales.contiguous())
 
 
 def set_pixel_weights(sm: SampledMasks, w_min: float = 1.0, w_max: float = 10.0) -> Tensor:
@@ -594,40 +604,61 @@ def set_pixel_weights(sm: SampledMasks, w_min: float = 1.0, w_max: float = 10.0)
     return _omega_from_raw(raw, covered, w_min, w_max)
 
 
-def _set_labels(sm: SampledMasks, rows: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
-    """Active labels ``[K]`` of sampled pixels ``rows`` at scales ``s`` and ``t [K]``, their number of masks finer
-    than ``s`` (the finest-first list's entries below ``t`` have scale ``< s``)."""
-    seq = sm.scales.index_select(0, rows)  # [K, L]
-    t = torch.searchsorted(seq, s.to(seq.dtype)[:, None].contiguous(), side="left").squeeze(1)
-    L = seq.shape[1]
-    lab = sm.masks.flatten().index_select(0, rows * L + t.clamp(max=L - 1))
-    return torch.where(t < sm.count.index_select(0, rows), lab, torch.full_like(lab, -1)), t
+def _lowest_bit_at_or_above(words: Tensor, r: Tensor) -> Tensor:
+    """For rows of bit sets ``words [K, W]`` (int64) and ranks ``r [K]``: the lowest set bit ``>= r`` (a rank), or
+    -1 when there is none."""
+    k, nw = words.shape
+    q = torch.div(r, 64, rounding_mode="floor")
+    one = torch.ones_like(r)
+    below = torch.bitwise_left_shift(one, r % 64) - 1  # bits under r inside word q
+    out = torch.full_like(r, -1)
+    for w in range(nw):
+        x = words[:, w]
+        x = torch.where(q > w, torch.zeros_like(x), torch.where(q == w, x & ~below, x))
+        low = x & -x  # isolated lowest bit (int64 min for bit 63)
+        pos = w * 64 + torch.log2(low.double().abs()).round().long()
+        out = torch.where((out < 0) & (x != 0), pos, out)
+    return out
+
+
+def _any_below(words: Tensor, r: Tensor) -> Tensor:
+    """bool ``[K]``: whether ``words [K, W]`` has a set bit below rank ``r [K]``."""
+    q = torch.div(r, 64, rounding_mode="floor")
+    below = torch.bitwise_left_shift(torch.ones_like(r), r % 64) - 1
+    hit = torch.zeros(words.shape[0], dtype=torch.bool, device=words.device)
+    for w in range(words.shape[1]):
+        x = words[:, w]
+        hit |= torch.where(q > w, x, torch.where(q == w, x & below, torch.zeros_like(x))) != 0
+    return hit
 
 
 def set_pair_targets(pm, sm: SampledMasks, i: Tensor, j: Tensor, s: Tensor) -> Dict[str, Tensor]:
     """:func:`pair_targets` of pairs ``(i[k], j[k])`` of sampled pixels (rows of ``sm``) at scales ``s [K]``: dict
-    of ``positive``, ``hard``, ``valid`` (bool [K]), ``label_i``, ``label_j`` (long [K]). The common finer mask is
-    found by reading, for each of ``i``'s masks finer than ``s``, one bit of ``j``'s set (``O(K L)``, in chunks of
-    :data:`PAIR_CHUNK` pairs)."""
+    of ``positive``, ``hard``, ``valid`` (bool [K]), ``label_i``, ``label_j`` (long [K]). With ``r = r(s)`` (see
+    :class:`SampledMasks`): labels are the lowest bits ``>= r`` of each pixel's set, ``finer`` is a common bit
+    ``< r``; ``O(K W)`` word operations, in chunks of :data:`PAIR_CHUNK` pairs."""
     covered = sm.count > 0
+    dev = sm.bits.device
     out: Dict[str, list] = {k: [] for k in ("positive", "hard", "valid", "label_i", "label_j")}
-    L = sm.masks.shape[1]
-    pos = torch.arange(L, device=sm.masks.device)[None, :]
+    no_masks = sm.by_rank.numel() == 0
     for a in range(0, i.shape[0], PAIR_CHUNK):
         ii, jj, ss = i[a : a + PAIR_CHUNK], j[a : a + PAIR_CHUNK], s[a : a + PAIR_CHUNK]
         valid = covered.index_select(0, ii) & covered.index_select(0, jj) & (ii != jj)
-        li, ti = _set_labels(sm, ii, ss)
-        lj, _ = _set_labels(sm, jj, ss)
-        same = (li == lj) & (li >= 0)
-        mi = sm.masks.index_select(0, ii)  # [k, L] finest first
-        in_j = pm.contains(sm.sets.index_select(0, jj)[:, None], torch.where(pos < ti[:, None], mi, -1))
-        finer = in_j.any(1)
+        bi, bj = sm.bits.index_select(0, ii), sm.bits.index_select(0, jj)
+        r = torch.searchsorted(sm.rank_scales, ss.to(sm.rank_scales.dtype).contiguous(), side="left")
+        ri, rj = _lowest_bit_at_or_above(bi, r), _lowest_bit_at_or_above(bj, r)
+        same = (ri == rj) & (ri >= 0)
+        finer = _any_below(bi & bj, r)
+        if no_masks:
+            li = lj = torch.full_like(ri, -1)
+        else:
+            li = torch.where(ri >= 0, sm.by_rank[ri.clamp(min=0)], -1)
+            lj = torch.where(rj >= 0, sm.by_rank[rj.clamp(min=0)], -1)
         out["positive"].append(valid & (same | finer))
         out["hard"].append(valid & same & ~finer)
         out["valid"].append(valid)
         out["label_i"].append(li)
         out["label_j"].append(lj)
-    dev = sm.masks.device
     return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long if k.startswith("label") else torch.bool,
                                                    device=dev) for k, v in out.items()}
 
@@ -650,7 +681,7 @@ def set_sample_pairs(
     Returns:
         ``i, j`` long ``[n_pairs]``, ``s`` float32 ``[n_pairs]``, and :func:`set_pair_targets` of those pairs.
     """
-    dev = sm.masks.device
+    dev = sm.bits.device
     covered = sm.count > 0
     v = covered.sum()
     covered_rows = torch.argsort((~covered).to(torch.int8), stable=True)  # covered rows first, ascending
