@@ -16,11 +16,14 @@ Two paths on the same inputs, each configuration in a fresh process:
 
 Inputs: the step benchmark's synthetic view (:func:`pepeseg3d_ns.contrast.step_bench.make_batch`: nested SAM-like
 masks, scales by area, smooth depth, random image), generated once per (size, mask count) and stored as the packed
-MaskSet and the PixelMasks arrays (what the priors cache holds); random unit features ``[H, W, 32]`` with
-``requires_grad`` stand in for the rendered map. Model settings are pepe-contrast's defaults (4000 pixels, 16384
+MaskSet and the PixelMasks arrays (what the priors cache holds); random unit features ``[H, W, 32]`` stand in for
+the rendered map. The backward runs through the losses into the scale gate; the gradient of the rendered map itself
+(a dense ``[H, W, 32]`` in any step, whatever the data path) belongs to the rasterizer's backward and is left out. Model settings are pepe-contrast's defaults (4000 pixels, 16384
 pairs, mask-balanced draws, omega weights, Lm + Lp + L2D; the centroid loss is off, as before ``centroid_start``).
 
-Measured per configuration: the median wall time of ``repeats`` steps after one warm-up, and the peak memory of
+Measured per configuration: the median CPU time of the (single-threaded) child over ``repeats`` steps after one
+warm-up (``time.process_time``: on a shared machine it counts this process's work only; the median wall time is
+reported too), and the peak memory of
 a step above what is resident before it (inputs, model): the kernel's high-water mark ``VmHWM`` is reset
 (``/proc/self/clear_refs``) before the timed steps and read after them; the child runs with glibc's mmap
 threshold fixed at 64 KiB so that freed large blocks go back to the kernel and each step's peak is its own.
@@ -171,30 +174,33 @@ def _worker(cfg: dict) -> dict:
     H, W = inputs["image"].shape[:2]
     g = torch.Generator().manual_seed(1)
     F = torch.nn.functional.normalize(torch.randn(H, W, model.config.feature_dim, generator=g), dim=-1)
-    F.requires_grad_(True)
     fn = _PATHS[cfg["path"]]
     gen = torch.Generator().manual_seed(0)
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> Tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = fn(model, F, inputs, gen)
         loss.backward()
-        t = time.perf_counter() - t0
-        F.grad = None
-        return t
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        model.zero_grad(set_to_none=True)
+        return c, t
 
     step()  # warm-up (lazy imports, first allocations)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS high-water mark
     base = _proc_status("VmRSS")
-    times = [step() for _ in range(int(cfg["repeats"]))]
+    runs = [step() for _ in range(int(cfg["repeats"]))]
     peak = _proc_status("VmHWM") - base
-    times.sort()
-    n = len(times)
-    med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
-    return {**cfg, "height": int(H), "width": int(W), "step_s": med, "min_s": times[0], "peak_mib": peak / 2**20,
-            "resident_mib": base / 2**20}
+
+    def median(xs):
+        xs = sorted(xs)
+        n = len(xs)
+        return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+    return {**cfg, "height": int(H), "width": int(W), "step_s": median([c for c, _ in runs]),
+            "wall_s": median([t for _, t in runs]), "min_s": min(c for c, _ in runs), "peak_mib": peak / 2**20,
+            "resident_mib": base / 2**20, "loadavg": list(os.getloadavg())}
 
 
 def _run_child(cfg: dict, timeout: float) -> dict:
@@ -231,7 +237,8 @@ def run_data_path_bench(
     log: bool = True,
 ) -> List[Dict]:
     """Time and peak memory of the data path for every (resolution ``(H, W)``, mask count, path), each in a fresh
-    process on CPU. Rows: ``path``, ``height``, ``width``, ``num_masks``, ``step_s`` (median), ``min_s``,
+    process on CPU. Rows: ``path``, ``height``, ``width``, ``num_masks``, ``step_s`` (median CPU time),
+    ``wall_s`` (median wall time), ``min_s``,
     ``peak_mib`` (a step's peak above the resident inputs and model), ``resident_mib``, or ``error``."""
     for p in paths:
         if p not in _PATHS:
@@ -268,7 +275,8 @@ def format_markdown(rows: Sequence[Dict]) -> str:
     def cell(r, key, fmt):
         return "error" if r is None or "error" in r else fmt.format(r[key] * (1e3 if key == "step_s" else 1))
 
-    lines = ["| image (W×H) | masks | dense ms | sets ms | dense peak MiB | sets peak MiB | time ratio | memory ratio |",
+    lines = ["| image (W×H) | masks | dense CPU ms | sets CPU ms | dense peak MiB | sets peak MiB | time ratio | "
+             "memory ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (w, h, m), d in by.items():
         a, b = d.get("dense"), d.get("sets")

@@ -13,6 +13,16 @@ in this module), their pixel areas ``mask_areas: [M]``, and ``P`` sampled pixels
 * ``sample_pairs``    -- pairs ``(i, j, s)`` with uniform scales and over-sampled hard pairs;
 * ``radius_px`` / ``perception_pairs`` -- window partners and adaptive depth/colour thresholds (paper eq. 4).
 
+Those take dense masks and are the reference definitions. The training step uses their equivalents on the view's
+per-pixel mask sets (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`), which never touch ``[M, H, W]`` and
+read nothing back from the device:
+
+* ``set_draw_weights`` + ``draw_pixels`` -- the same draw laws ("uniform", "omega", "mask"), without replacement,
+  by an exponential race over the pixels (``O(H W)``);
+* ``gather_sampled`` -- the sampled pixels' usable masks as bit sets in finest-first order (``O(P L)``);
+* ``set_pixel_weights``, ``set_pair_targets``, ``set_sample_pairs`` -- omega, G and the pair draw (``O(K M / 64)``);
+* ``covered_pixels`` -- the covered map (for the centroid refresh).
+
 Indices ``i, j, rows`` always index the *sampled* pixels (rows of ``member``), not the image.
 
 Randomness: every random draw takes an optional ``torch.Generator``; numbers are drawn on the generator's device
@@ -419,7 +429,7 @@ def sample_pairs(
     off = 1 + _randint_below(torch.full((n_c,), v - 1, dtype=torch.long, device=dev), generator)
     ja = (ia + off) % v
     s_c = _rand(n_c, generator, dev).float()
-    i_c, j_c = covered_rows[ia], covered_rows[ja]
+    i_c, j_c = covered_rows.index_select(0, ia), covered_rows.index_select(0, ja)
     n_h = int(round(hard_fraction * n_pairs))
     n_u = n_pairs - n_h
     keep = torch.arange(n_u, device=dev)
@@ -604,15 +614,16 @@ def set_pixel_weights(sm: SampledMasks, w_min: float = 1.0, w_max: float = 10.0)
     return _omega_from_raw(raw, covered, w_min, w_max)
 
 
-def _lowest_bit_at_or_above(words: Tensor, r: Tensor) -> Tensor:
-    """For rows of bit sets ``words [K, W]`` (int64) and ranks ``r [K]``: the lowest set bit ``>= r`` (a rank), or
-    -1 when there is none."""
-    k, nw = words.shape
-    q = torch.div(r, 64, rounding_mode="floor")
-    one = torch.ones_like(r)
-    below = torch.bitwise_left_shift(one, r % 64) - 1  # bits under r inside word q
-    out = torch.full_like(r, -1)
-    for w in range(nw):
+def _rank_split(r: Tensor) -> Tuple[Tensor, Tensor]:
+    """Word ``q = r // 64`` and in-word mask ``below = 2^(r % 64) - 1`` of ranks ``r [K]``."""
+    return torch.div(r, 64, rounding_mode="floor"), torch.bitwise_left_shift(torch.ones_like(r), r % 64) - 1
+
+
+def _lowest_bit_at_or_above(words: Tensor, q: Tensor, below: Tensor) -> Tensor:
+    """For rows of bit sets ``words [K, W]`` (int64) and ranks ``r [K]`` given as :func:`_rank_split`: the lowest
+    set bit ``>= r`` (a rank), or -1 when there is none."""
+    out = torch.full_like(q, -1)
+    for w in range(words.shape[1]):
         x = words[:, w]
         x = torch.where(q > w, torch.zeros_like(x), torch.where(q == w, x & ~below, x))
         low = x & -x  # isolated lowest bit (int64 min for bit 63)
@@ -621,10 +632,8 @@ def _lowest_bit_at_or_above(words: Tensor, r: Tensor) -> Tensor:
     return out
 
 
-def _any_below(words: Tensor, r: Tensor) -> Tensor:
-    """bool ``[K]``: whether ``words [K, W]`` has a set bit below rank ``r [K]``."""
-    q = torch.div(r, 64, rounding_mode="floor")
-    below = torch.bitwise_left_shift(torch.ones_like(r), r % 64) - 1
+def _any_below(words: Tensor, q: Tensor, below: Tensor) -> Tensor:
+    """bool ``[K]``: whether ``words [K, W]`` has a set bit below the ranks given as :func:`_rank_split`."""
     hit = torch.zeros(words.shape[0], dtype=torch.bool, device=words.device)
     for w in range(words.shape[1]):
         x = words[:, w]
@@ -640,25 +649,21 @@ def set_pair_targets(pm, sm: SampledMasks, i: Tensor, j: Tensor, s: Tensor) -> D
     covered = sm.count > 0
     dev = sm.bits.device
     out: Dict[str, list] = {k: [] for k in ("positive", "hard", "valid", "label_i", "label_j")}
-    no_masks = sm.by_rank.numel() == 0
+    m = sm.by_rank.numel()
+    by_rank = torch.cat([sm.by_rank, torch.full((1,), -1, dtype=sm.by_rank.dtype, device=dev)])  # entry m: no label
     for a in range(0, i.shape[0], PAIR_CHUNK):
         ii, jj, ss = i[a : a + PAIR_CHUNK], j[a : a + PAIR_CHUNK], s[a : a + PAIR_CHUNK]
         valid = covered.index_select(0, ii) & covered.index_select(0, jj) & (ii != jj)
         bi, bj = sm.bits.index_select(0, ii), sm.bits.index_select(0, jj)
-        r = torch.searchsorted(sm.rank_scales, ss.to(sm.rank_scales.dtype).contiguous(), side="left")
-        ri, rj = _lowest_bit_at_or_above(bi, r), _lowest_bit_at_or_above(bj, r)
+        q, below = _rank_split(torch.searchsorted(sm.rank_scales, ss.to(sm.rank_scales.dtype).contiguous()))
+        ri, rj = _lowest_bit_at_or_above(bi, q, below), _lowest_bit_at_or_above(bj, q, below)
         same = (ri == rj) & (ri >= 0)
-        finer = _any_below(bi & bj, r)
-        if no_masks:
-            li = lj = torch.full_like(ri, -1)
-        else:
-            li = torch.where(ri >= 0, sm.by_rank[ri.clamp(min=0)], -1)
-            lj = torch.where(rj >= 0, sm.by_rank[rj.clamp(min=0)], -1)
+        finer = _any_below(bi & bj, q, below)
         out["positive"].append(valid & (same | finer))
         out["hard"].append(valid & same & ~finer)
         out["valid"].append(valid)
-        out["label_i"].append(li)
-        out["label_j"].append(lj)
+        out["label_i"].append(by_rank.index_select(0, torch.where(ri >= 0, ri, m)))
+        out["label_j"].append(by_rank.index_select(0, torch.where(rj >= 0, rj, m)))
     return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long if k.startswith("label") else torch.bool,
                                                    device=dev) for k, v in out.items()}
 
@@ -691,7 +696,7 @@ def set_sample_pairs(
     off = 1 + _randint_below((v - 1).expand(n_c), generator)
     ja = (ia + off) % v.clamp(min=1)
     s_c = _rand(n_c, generator, dev).float()
-    i_c, j_c = covered_rows[ia], covered_rows[ja]
+    i_c, j_c = covered_rows.index_select(0, ia), covered_rows.index_select(0, ja)
     n_h = int(round(hard_fraction * n_pairs))
     n_u = n_pairs - n_h
     t_c = set_pair_targets(pm, sm, i_c, j_c, s_c)
@@ -700,8 +705,9 @@ def set_sample_pairs(
         hard = t_c["hard"][n_u:]
         order = torch.argsort((~hard).to(torch.int8), stable=True)  # hard candidates first, in draw order
         keep = torch.cat([keep, n_u + order[:n_h]])
-    keep = keep[torch.argsort(_rand(n_pairs, generator, dev))]
-    return i_c[keep], j_c[keep], s_c[keep], {k: val[keep] for k, val in t_c.items()}
+    keep = keep.index_select(0, torch.argsort(_rand(n_pairs, generator, dev)))
+    pick = lambda t: t.index_select(0, keep)  # noqa: E731
+    return pick(i_c), pick(j_c), pick(s_c), {k: pick(val) for k, val in t_c.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -775,7 +781,7 @@ def normalise_depth(depth_prior: Tensor) -> Tensor:
     A constant map becomes all zeros. ``depth_prior`` must be finite, any shape.
     """
     d = depth_prior.double()
-    med = d.flatten().median()
+    med = depth_prior.flatten().median().double()  # an element of the map: the same value in any precision
     mad = (d - med).abs().mean()
     flat = mad <= 0.0
     return torch.where(flat, torch.zeros_like(d), (d - med) / torch.where(flat, torch.ones_like(mad), mad))

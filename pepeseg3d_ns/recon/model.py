@@ -32,6 +32,7 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 
+from pepeseg3d_ns.readback import allow_readback
 from pepeseg3d_ns.render import rasterize, viewmat_from_c2w
 
 
@@ -189,7 +190,8 @@ class PepeSplatfactoModel(SplatfactoModel):
         scale = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / scale)
         Ks = camera.get_intrinsics_matrices().to(self.device)
-        W, H = int(camera.width.item()), int(camera.height.item())
+        with allow_readback("image size: nerfstudio Cameras hold it in device tensors"):
+            W, H = int(camera.width.item()), int(camera.height.item())
         camera.rescale_output_resolution(scale)
         self.last_size = (H, W)
         viewmats = viewmat_from_c2w(c2w.to(self.device))
@@ -202,11 +204,12 @@ class PepeSplatfactoModel(SplatfactoModel):
             sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
 
         g = self._render_inputs(crop_ids)
-        render, alpha, self.info = rasterize(
-            **g, viewmats=viewmats, Ks=Ks, width=W, height=H, packed=False, near_plane=0.01, far_plane=1e10,
-            render_mode=render_mode, sh_degree=sh_degree, absgrad=self.strategy.absgrad,
-            rasterize_mode=self.config.rasterize_mode,
-        )
+        with allow_readback("rasterizer (gsplat synchronises itself; the CPU path sizes its tile lists)"):
+            render, alpha, self.info = rasterize(
+                **g, viewmats=viewmats, Ks=Ks, width=W, height=H, packed=False, near_plane=0.01, far_plane=1e10,
+                render_mode=render_mode, sh_degree=sh_degree, absgrad=self.strategy.absgrad,
+                rasterize_mode=self.config.rasterize_mode,
+            )
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
 
