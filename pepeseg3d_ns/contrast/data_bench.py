@@ -24,9 +24,10 @@ pairs, mask-balanced draws, omega weights, Lm + Lp + L2D; the centroid loss is o
 Measured per configuration: the median CPU time of the (single-threaded) child over ``repeats`` steps after one
 warm-up (``time.process_time``: on a shared machine it counts this process's work only; the median wall time is
 reported too), and the peak memory of
-a step above what is resident before it (inputs, model): the kernel's high-water mark ``VmHWM`` is reset
-(``/proc/self/clear_refs``) before the timed steps and read after them; the child runs with glibc's mmap
-threshold fixed at 64 KiB so that freed large blocks go back to the kernel and each step's peak is its own.
+a step above what is resident before it (inputs, model), measured on two further steps: glibc's mmap threshold is
+then fixed at 64 KiB (``mallopt``) and the free heap trimmed, so that every large block comes from and goes back
+to the kernel, and the kernel's high-water mark ``VmHWM`` is reset (``/proc/self/clear_refs``) before those steps
+and read after them. (The timed steps run with the default allocator: fresh mappings cost page faults.)
 """
 
 from __future__ import annotations
@@ -186,11 +187,20 @@ def _worker(cfg: dict) -> dict:
         return c, t
 
     step()  # warm-up (lazy imports, first allocations)
+    runs = [step() for _ in range(int(cfg["repeats"]))]
+    # memory: every block above 64 KiB mapped and unmapped on its own, the free heap returned, the peak reset
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD (also stops glibc's dynamic threshold)
+    libc.mallopt(-1, 65536)  # M_TRIM_THRESHOLD
     gc.collect()
+    libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS high-water mark
     base = _proc_status("VmRSS")
-    runs = [step() for _ in range(int(cfg["repeats"]))]
+    step()
+    step()
     peak = _proc_status("VmHWM") - base
 
     def median(xs):
@@ -206,8 +216,7 @@ def _worker(cfg: dict) -> dict:
 def _run_child(cfg: dict, timeout: float) -> dict:
     env = dict(os.environ)
     t = str(int(cfg["threads"]))
-    env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, NUMBA_NUM_THREADS=t,
-               MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, NUMBA_NUM_THREADS=t)
     code = ("import json, sys; from pepeseg3d_ns.contrast import data_bench as b; "
             "print('@@' + json.dumps(b._worker(json.loads(sys.argv[1]))), flush=True)")
     try:
