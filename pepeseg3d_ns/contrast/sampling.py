@@ -471,14 +471,17 @@ def _set_terms(pm, mask_scales: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     if pm.num_masks == 0:
         z = torch.zeros(c, dtype=torch.float64, device=pm.device)
         return torch.zeros(c, dtype=torch.long, device=pm.device), z, z.clone()
-    sm = pm.set_masks.long()
-    idx = sm.clamp(min=0)
-    ok = (sm >= 0) & _usable(pm, mask_scales)[idx]
-    area = pm.mask_area.double()[idx]
-    zero = torch.zeros_like(area)
-    area_sum = torch.where(ok, area, zero).sum(1)
-    inv = torch.where(ok, 1.0 / area.clamp(min=1), zero).sum(1)
-    return ok.sum(1), area_sum, inv
+    m = pm.num_masks
+    usable = _usable(pm, mask_scales)
+    zero = torch.zeros(1, dtype=torch.float64, device=pm.device)
+    area = pm.mask_area.double()
+    area_of = torch.cat([torch.where(usable, area, 0.0), zero])  # entry m: padding
+    inv_of = torch.cat([torch.where(usable, 1.0 / area.clamp(min=1), 0.0), zero])
+    ok_of = torch.cat([usable, torch.zeros(1, dtype=torch.bool, device=pm.device)])
+    idx = torch.remainder(pm.set_masks.long(), m + 1).view(-1)  # -1 -> m
+    shape = pm.set_masks.shape
+    count = ok_of.index_select(0, idx).view(shape).sum(1)
+    return (count, area_of.index_select(0, idx).view(shape).sum(1), inv_of.index_select(0, idx).view(shape).sum(1))
 
 
 def _omega_from_raw(raw: Tensor, covered: Tensor, w_min: float, w_max: float) -> Tensor:
@@ -562,16 +565,19 @@ class SampledMasks(NamedTuple):
     Masks are numbered by their rank (:func:`mask_rank` with the areas as tie-break: scale ascending, then area,
     then index; unknown scales last). Since ranks sort by scale first, the masks with ``s_M < s`` are exactly the
     ranks below ``r(s) = #{m : s_m < s}``, for every ``s``; so "a common mask finer than ``s``" is one AND against
-    the low ``r(s)`` bits, and the active label is the lowest set bit at or above ``r(s)`` (the finest mask with
-    ``s_M >= s``). Per pair that is ``O(W)`` word operations, ``W = ceil(M / 64)``, whatever the masks' depth.
+    the low ``r(s)`` bits, and the active label is the pixel's first rank at or above ``r(s)`` (the finest mask with
+    ``s_M >= s``), read from a table. Per pair that is one gather per label and ``W = ceil(M / 64)`` word
+    operations for the common finer mask, whatever the masks' depth.
 
     ``sets [P]`` each pixel's set id, ``bits [P, W]`` int64 (bit ``r % 64`` of word ``r // 64`` = the mask of rank
-    ``r`` holds the pixel and is usable), ``count [P]`` usable masks, ``area_sum [P]`` float64 their summed areas,
-    ``by_rank [M]`` mask id of each rank, ``rank_scales [M]`` their scales in rank order (+inf = unknown).
+    ``r`` holds the pixel and is usable), ``next_rank [P, M + 1]`` int32 (column ``M - t``: the pixel's smallest
+    usable rank ``>= t``, ``M`` = none), ``count [P]`` usable masks, ``area_sum [P]`` float64 their summed areas, ``by_rank [M]`` mask id
+    of each rank, ``rank_scales [M]`` their scales in rank order (+inf = unknown).
     """
 
     sets: Tensor
     bits: Tensor
+    next_rank: Tensor
     count: Tensor
     area_sum: Tensor
     by_rank: Tensor
@@ -579,31 +585,42 @@ class SampledMasks(NamedTuple):
 
 
 def gather_sampled(pm, pix: Tensor, mask_scales: Tensor) -> SampledMasks:
-    """:class:`SampledMasks` of the pixels ``pix [P]`` (flat indices). ``O(P L + M log M)``."""
+    """:class:`SampledMasks` of the pixels ``pix [P]`` (flat indices). ``O(P (L + M) + M log M)`` (the
+    ``next_rank`` table is ``P x (M + 1)``: 4.8 MB for 4000 pixels and 300 masks)."""
     sets = pm.sets_of(pix)
     p, m = sets.shape[0], pm.num_masks
     dev = sets.device
     nw = max(1, (m + 63) // 64)
     if m == 0:
         z = torch.zeros(p, dtype=torch.long, device=dev)
-        return SampledMasks(sets, torch.zeros(p, 1, dtype=torch.long, device=dev), z,
+        return SampledMasks(sets, torch.zeros(p, 1, dtype=torch.long, device=dev),
+                            torch.zeros(p, 1, dtype=torch.int32, device=dev), z,
                             torch.zeros(p, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.long, device=dev),
                             torch.zeros(0, dtype=mask_scales.dtype, device=dev))
-    raw = pm.set_masks.index_select(0, sets).long()  # [P, L] ascending ids, -1 padded
-    idx = raw.clamp(min=0)
-    ok = (raw >= 0) & _usable(pm, mask_scales)[idx]
     rank = mask_rank(mask_scales, pm.mask_area)
     by_rank = torch.empty_like(rank)
     by_rank[rank] = torch.arange(m, device=dev)
     finite = torch.isfinite(mask_scales)
-    rank_scales = torch.where(finite, mask_scales, torch.full_like(mask_scales, float("inf")))[by_rank]
-    r = rank[idx]
-    word = torch.where(ok, torch.div(r, 64, rounding_mode="floor"), torch.full_like(r, nw))  # column nw: discarded
-    bit = torch.where(ok, torch.bitwise_left_shift(torch.ones_like(r), r % 64), torch.zeros_like(r))
-    bits = torch.zeros(p, nw + 1, dtype=torch.long, device=dev).scatter_add_(1, word, bit)[:, :nw]  # distinct bits: + is |
-    area = pm.mask_area.double()[idx]
-    area_sum = torch.where(ok, area, torch.zeros_like(area)).sum(1)
-    return SampledMasks(sets, bits.contiguous(), ok.sum(1), area_sum, by_rank, rank_scales.contiguous())
+    rank_scales = torch.where(finite, mask_scales, torch.full_like(mask_scales, float("inf"))).index_select(0, by_rank)
+    # per mask id (entry m = padding): its rank when usable, else m; its area when usable, else 0
+    usable = _usable(pm, mask_scales)
+    pad = torch.full((1,), m, dtype=torch.long, device=dev)
+    rank_of = torch.cat([torch.where(usable, rank, pad), pad])
+    area_of = torch.cat([torch.where(usable, pm.mask_area.double(), 0.0), torch.zeros(1, dtype=torch.float64, device=dev)])
+    raw = pm.set_masks.index_select(0, sets).long()  # [P, L] ascending ids, -1 padded
+    L = raw.shape[1]
+    idx = torch.remainder(raw, m + 1).view(-1)  # -1 -> m
+    pos = rank_of.index_select(0, idx).view(p, L)  # ranks of the usable masks, m elsewhere
+    ok = pos < m
+    word = torch.where(ok, pos >> 6, nw)  # column nw: discarded
+    bits = torch.zeros(p, nw + 1, dtype=torch.long, device=dev).scatter_add_(
+        1, word, torch.bitwise_left_shift(ok.long(), pos & 63))[:, :nw]  # distinct bits: + is |
+    # column u holds rank m - u: a running minimum along the columns is then the smallest rank >= m - u
+    table = torch.full((p, m + 1), m, dtype=torch.int32, device=dev).scatter_(1, m - pos, pos.to(torch.int32))
+    next_rank = torch.cummin(table, dim=1).values
+    area_sum = area_of.index_select(0, idx).view(p, L).sum(1)
+    return SampledMasks(sets, bits.contiguous(), next_rank, ok.sum(1), area_sum, by_rank,
+                        rank_scales.contiguous())
 
 
 def set_pixel_weights(sm: SampledMasks, w_min: float = 1.0, w_max: float = 10.0) -> Tensor:
@@ -616,20 +633,7 @@ def set_pixel_weights(sm: SampledMasks, w_min: float = 1.0, w_max: float = 10.0)
 
 def _rank_split(r: Tensor) -> Tuple[Tensor, Tensor]:
     """Word ``q = r // 64`` and in-word mask ``below = 2^(r % 64) - 1`` of ranks ``r [K]``."""
-    return torch.div(r, 64, rounding_mode="floor"), torch.bitwise_left_shift(torch.ones_like(r), r % 64) - 1
-
-
-def _lowest_bit_at_or_above(words: Tensor, q: Tensor, below: Tensor) -> Tensor:
-    """For rows of bit sets ``words [K, W]`` (int64) and ranks ``r [K]`` given as :func:`_rank_split`: the lowest
-    set bit ``>= r`` (a rank), or -1 when there is none."""
-    out = torch.full_like(q, -1)
-    for w in range(words.shape[1]):
-        x = words[:, w]
-        x = torch.where(q > w, torch.zeros_like(x), torch.where(q == w, x & ~below, x))
-        low = x & -x  # isolated lowest bit (int64 min for bit 63)
-        pos = w * 64 + torch.log2(low.double().abs()).round().long()
-        out = torch.where((out < 0) & (x != 0), pos, out)
-    return out
+    return r >> 6, torch.bitwise_left_shift(torch.ones_like(r), r & 63) - 1
 
 
 def _any_below(words: Tensor, q: Tensor, below: Tensor) -> Tensor:
@@ -644,7 +648,7 @@ def _any_below(words: Tensor, q: Tensor, below: Tensor) -> Tensor:
 def set_pair_targets(pm, sm: SampledMasks, i: Tensor, j: Tensor, s: Tensor) -> Dict[str, Tensor]:
     """:func:`pair_targets` of pairs ``(i[k], j[k])`` of sampled pixels (rows of ``sm``) at scales ``s [K]``: dict
     of ``positive``, ``hard``, ``valid`` (bool [K]), ``label_i``, ``label_j`` (long [K]). With ``r = r(s)`` (see
-    :class:`SampledMasks`): labels are the lowest bits ``>= r`` of each pixel's set, ``finer`` is a common bit
+    :class:`SampledMasks`): labels are each pixel's first rank ``>= r`` (``next_rank``), ``finer`` is a common bit
     ``< r``; ``O(K W)`` word operations, in chunks of :data:`PAIR_CHUNK` pairs."""
     covered = sm.count > 0
     dev = sm.bits.device
@@ -654,16 +658,18 @@ def set_pair_targets(pm, sm: SampledMasks, i: Tensor, j: Tensor, s: Tensor) -> D
     for a in range(0, i.shape[0], PAIR_CHUNK):
         ii, jj, ss = i[a : a + PAIR_CHUNK], j[a : a + PAIR_CHUNK], s[a : a + PAIR_CHUNK]
         valid = covered.index_select(0, ii) & covered.index_select(0, jj) & (ii != jj)
-        bi, bj = sm.bits.index_select(0, ii), sm.bits.index_select(0, jj)
-        q, below = _rank_split(torch.searchsorted(sm.rank_scales, ss.to(sm.rank_scales.dtype).contiguous()))
-        ri, rj = _lowest_bit_at_or_above(bi, q, below), _lowest_bit_at_or_above(bj, q, below)
-        same = (ri == rj) & (ri >= 0)
-        finer = _any_below(bi & bj, q, below)
+        r = torch.searchsorted(sm.rank_scales, ss.to(sm.rank_scales.dtype).contiguous())  # [k] in [0, M]
+        flat = sm.next_rank.view(-1)
+        ri = flat.index_select(0, ii * (m + 1) + (m - r)).long()
+        rj = flat.index_select(0, jj * (m + 1) + (m - r)).long()
+        same = (ri == rj) & (ri < m)
+        q, below = _rank_split(r)
+        finer = _any_below(sm.bits.index_select(0, ii) & sm.bits.index_select(0, jj), q, below)
         out["positive"].append(valid & (same | finer))
         out["hard"].append(valid & same & ~finer)
         out["valid"].append(valid)
-        out["label_i"].append(by_rank.index_select(0, torch.where(ri >= 0, ri, m)))
-        out["label_j"].append(by_rank.index_select(0, torch.where(rj >= 0, rj, m)))
+        out["label_i"].append(by_rank.index_select(0, ri))  # rank m: the appended -1
+        out["label_j"].append(by_rank.index_select(0, rj))
     return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long if k.startswith("label") else torch.bool,
                                                    device=dev) for k, v in out.items()}
 
