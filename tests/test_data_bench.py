@@ -51,3 +51,24 @@ def test_tiny_benchmark_in_fresh_processes():
         assert "error" not in r, r.get("error")
         assert (r["height"], r["width"], r["num_masks"]) == (32, 40, 8)
         assert r["step_s"] > 0 and r["wall_s"] > 0 and r["peak_mib"] >= 0 and r["resident_mib"] > 0
+
+
+def test_perception_pairs_agree_with_mains_implementation():
+    """The leaner window statistics (6 integral channels written in place) give main's partners exactly and the
+    same similar / dissimilar decisions, thresholds equal to float rounding."""
+    from pepeseg3d_ns.contrast import sampling as S
+
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((40, 56), (97, 64)):
+        image = torch.rand(h, w, 3, generator=g)
+        image[: h // 2] = image[: h // 2].round()  # flat and two-valued windows too
+        depth = torch.rand(h, w, generator=g) + torch.linspace(0, 3, w)
+        pix = torch.randint(0, h * w, (3000,), generator=g)
+        s = torch.rand(3000, generator=g)
+        ref = db.main_perception_pairs(image, depth, pix, s, generator=torch.Generator().manual_seed(1))
+        got = S.perception_pairs(image, depth, pix, s, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(got.q, ref.q) and torch.equal(got.radius, ref.radius)
+        assert torch.equal(got.sim, ref.sim) and torch.equal(got.dis, ref.dis)
+        assert torch.allclose(got.theta_d, ref.theta_d, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got.theta_c, ref.theta_c, rtol=1e-5, atol=1e-6)
+        assert 0 < int(ref.sim.sum()) and 0 < int(ref.dis.sum())

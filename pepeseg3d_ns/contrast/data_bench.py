@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["dense_data_path", "sets_data_path", "run_data_path_bench", "format_markdown", "BenchStep"]
+__all__ = ["dense_data_path", "sets_data_path", "main_perception_pairs", "run_data_path_bench", "format_markdown", "BenchStep"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,6 +75,52 @@ def _dense_sample_pixels(model, valid: Tensor, masks: Tensor, areas: Tensor, mas
     return idx[perm]
 
 
+def main_perception_pairs(image: Tensor, depth_prior: Tensor, pix: Tensor, s: Tensor,
+                          generator: Optional[torch.Generator] = None, k_depth: float = 1.0, k_colour: float = 1.0,
+                          eps: float = 1e-6):
+    """:func:`~pepeseg3d_ns.contrast.sampling.perception_pairs` as ``main`` computed it before this change (window
+    statistics from 8 float64 integral channels built with full-image temporaries, validation read back), kept as
+    the baseline's cost and as the reference the current implementation is tested against."""
+    from pepeseg3d_ns.contrast import sampling as S
+
+    h, w, _ = image.shape
+    if not bool(torch.isfinite(depth_prior).all()) or not bool(torch.isfinite(image).all()):
+        raise ValueError("non-finite image or depth prior")
+    dev = image.device
+    pix = S._check_index(pix, h * w, "pix").to(dev)
+    s_t = S._broadcast_scale(s, pix.shape[0], dev)
+    r = S.radius_px(s_t, h, w).to(dev).clamp(min=1)
+    py, px = pix // w, pix % w
+    y0, y1 = (py - r).clamp(min=0), (py + r).clamp(max=h - 1)
+    x0, x1 = (px - r).clamp(min=0), (px + r).clamp(max=w - 1)
+    ww = x1 - x0 + 1
+    area = (y1 - y0 + 1) * ww
+    u = S._randint_below(area - 1, generator)
+    a_idx = (py - y0) * ww + (px - x0)
+    u = u + (u >= a_idx).long()
+    qy, qx = y0 + u // ww, x0 + u % ww
+    q = qy * w + qx
+    d = depth_prior.double()
+    med = d.flatten().median()
+    mad = (d - med).abs().mean()
+    d = torch.zeros_like(d) if float(mad) <= 0.0 else (d - med) / mad
+    img = image.double()
+    chw = img.permute(2, 0, 1)
+    feats = torch.cat([d[None], d[None] ** 2, chw, chw**2], dim=0)  # [8, H, W]
+    integral = torch.nn.functional.pad(feats.cumsum(2).cumsum(1), (1, 0, 1, 0))
+    sums = S._box_sum(integral, y0, y1, x0, x1) / area[:, None].double()
+    var_d = (sums[:, 1] - sums[:, 0] ** 2).clamp(min=0)
+    var_c = (sums[:, 5:8] - sums[:, 2:5] ** 2).clamp(min=0).sum(1)
+    sig_d, sig_c = var_d.sqrt(), var_c.sqrt()
+    theta_d, theta_c = k_depth * sig_d, k_colour * sig_c
+    dd = (d[py, px] - d[qy, qx]).abs()
+    dc = (img[py, px] - img[qy, qx]).norm(dim=-1)
+    flat_d, flat_c = sig_d <= eps, sig_c <= eps
+    sim = (flat_d | (dd < theta_d)) & (flat_c | (dc < theta_c))
+    dis = (~flat_d & (dd > theta_d)) & (~flat_c & (dc > theta_c))
+    return S.PerceptionPairs(q=q, sim=sim, dis=dis, radius=r, theta_d=theta_d.float(), theta_c=theta_c.float())
+
+
 def dense_data_path(model, F: Tensor, inputs: Dict, gen: torch.Generator) -> Tensor:
     """The data path of ``main`` (before the per-pixel mask sets): batch preparation (MaskSet -> dense masks on the
     device), sampling, pair targets, losses. Returns the total loss (call ``backward`` on it)."""
@@ -100,7 +146,7 @@ def dense_data_path(model, F: Tensor, inputs: Dict, gen: torch.Generator) -> Ten
     loss = cfg.lambda_m * L.scale_contrastive_loss(Fp[i] * g, Fp[j] * g, targets["positive"], w[i] * w[j],
                                                    targets["valid"])
     s_p = torch.rand(pix.numel(), generator=gen).to(dev)
-    pp = S.perception_pairs(inputs["image"], inputs["depth_prior"][..., 0], pix, s_p, generator=gen)
+    pp = main_perception_pairs(inputs["image"], inputs["depth_prior"][..., 0], pix, s_p, generator=gen)
     g = model._train_gate(s_p)
     loss = loss + cfg.lambda_p * L.perception_loss(Fp * g, F.reshape(-1, D)[pp.q] * g, pp.sim, pp.dis)
     return loss + cfg.lambda_norm * L.norm_regulariser(Fp)

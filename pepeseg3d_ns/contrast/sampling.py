@@ -544,12 +544,11 @@ def draw_pixels(pm, set_weights: Tensor, n: int, generator: Optional[torch.Gener
     hw = pm.height * pm.width
     n = min(int(n), hw)
     w = set_weights.float().index_select(0, pm.pixel_set)  # [H*W]
-    race = torch.empty(hw, device=w.device, dtype=torch.float32)
-    if generator is not None and generator.device != w.device:
-        race = race.to(generator.device)
-    race.exponential_(generator=generator)
-    key = w / race.to(w.device).clamp(min=torch.finfo(torch.float32).tiny)  # E = 0 would make 0 / 0 = NaN
-    pix = torch.topk(key, n, sorted=False).indices
+    gen_dev = generator.device if generator is not None else w.device
+    # log U = -E with U uniform in [0, 1) (E ~ Exp(1), never 0; U = 0 gives -inf, key 0): the n smallest
+    # w / log U = -w / E are the n largest w / E. (Uniforms and a log: 4x cheaper than exponential_ on CPU.)
+    log_u = torch.rand(hw, generator=generator, device=gen_dev).log_().to(w.device)
+    pix = torch.topk(w / log_u, n, largest=False, sorted=False).indices
     return pix, w.index_select(0, pix) > 0
 
 
@@ -709,7 +708,10 @@ def set_sample_pairs(
     keep = torch.arange(n_u, device=dev)
     if n_h > 0:
         hard = t_c["hard"][n_u:]
-        order = torch.argsort((~hard).to(torch.int8), stable=True)  # hard candidates first, in draw order
+        # hard candidates first, in draw order, then the others in draw order (a stable partition, by cumsums)
+        n_hard = hard.sum()
+        place = torch.where(hard, torch.cumsum(hard, 0) - 1, n_hard + torch.cumsum(~hard, 0) - 1)
+        order = torch.empty_like(place).scatter_(0, place, torch.arange(place.shape[0], device=dev))
         keep = torch.cat([keep, n_u + order[:n_h]])
     keep = keep.index_select(0, torch.argsort(_rand(n_pairs, generator, dev)))
     pick = lambda t: t.index_select(0, keep)  # noqa: E731
@@ -752,19 +754,21 @@ class PerceptionPairs(NamedTuple):
     theta_c: Tensor  # float [P]: colour threshold (RGB Euclidean units)
 
 
-def _integral(parts) -> Tensor:
-    """Zero-padded 2-D integral images (float64) ``[C, H + 1, W + 1]`` of the channels ``parts`` (a tensor
-    ``[C, H, W]`` or a list of ``[c_i, H, W]`` pieces, concatenated): written into one buffer and summed in place
-    (one ``C x (H+1) x (W+1)`` allocation). Channels first: torch's CPU cumsum is several times faster along
-    contiguous dimensions."""
-    parts = [parts] if isinstance(parts, Tensor) else list(parts)
-    c = sum(p.shape[0] for p in parts)
-    h, w = parts[0].shape[1:]
-    out = torch.zeros(c, h + 1, w + 1, dtype=torch.float64, device=parts[0].device)
-    k = 0
-    for p in parts:
-        out[k : k + p.shape[0], 1:, 1:] = p
-        k += p.shape[0]
+def _perception_integral(d: Tensor, image: Tensor) -> Tensor:
+    """Zero-padded 2-D integral images (float64) ``[6, H + 1, W + 1]`` of ``D, D^2, R, G, B, R^2 + G^2 + B^2`` for
+    ``d [H, W]`` (float64) and ``image [H, W, 3]``: the channels are written into one buffer and summed in place
+    (one ``6 x (H+1) x (W+1)`` allocation, no full-image temporaries). Channels first: torch's CPU cumsum is several
+    times faster along contiguous dimensions."""
+    h, w = d.shape
+    out = torch.empty(6, h + 1, w + 1, dtype=torch.float64, device=d.device)
+    out[:, 0, :] = 0
+    out[:, :, 0] = 0
+    body = out[:, 1:, 1:]
+    body[0].copy_(d)
+    torch.mul(body[0], body[0], out=body[1])
+    body[2:5].copy_(image.permute(2, 0, 1))
+    torch.mul(body[2], body[2], out=body[5])
+    body[5].addcmul_(body[3], body[3]).addcmul_(body[4], body[4])
     out.cumsum_(2)
     out.cumsum_(1)
     return out
@@ -786,11 +790,10 @@ def normalise_depth(depth_prior: Tensor) -> Tensor:
 
     A constant map becomes all zeros. ``depth_prior`` must be finite, any shape.
     """
-    d = depth_prior.double()
     med = depth_prior.flatten().median().double()  # an element of the map: the same value in any precision
-    mad = (d - med).abs().mean()
-    flat = mad <= 0.0
-    return torch.where(flat, torch.zeros_like(d), (d - med) / torch.where(flat, torch.ones_like(mad), mad))
+    d = depth_prior.to(torch.float64, copy=True).sub_(med)
+    mad = d.abs().mean()
+    return d.div_(torch.where(mad > 0, mad, torch.ones_like(mad)))  # mad = 0 only for a constant map: d is 0 there
 
 
 def perception_pairs(
@@ -887,16 +890,14 @@ def _perception_pairs(image: Tensor, depth_prior: Tensor, pix: Tensor, s_t: Tens
     q = qy * w + qx
 
     d = normalise_depth(depth_prior.to(dev))
-    img = image.double()
-    chw = img.permute(2, 0, 1)
-    sums = _box_sum(_integral([d[None], d[None] ** 2, chw, chw**2]), y0, y1, x0, x1) / area[:, None].double()
+    sums = _box_sum(_perception_integral(d, image), y0, y1, x0, x1) / area[:, None].double()  # window means [P, 6]
     var_d = (sums[:, 1] - sums[:, 0] ** 2).clamp(min=0)
-    var_c = (sums[:, 5:8] - sums[:, 2:5] ** 2).clamp(min=0).sum(1)
+    var_c = (sums[:, 5] - (sums[:, 2:5] ** 2).sum(1)).clamp(min=0)  # summed channel variances
     sig_d, sig_c = var_d.sqrt(), var_c.sqrt()
     theta_d, theta_c = k_depth * sig_d, k_colour * sig_c
 
     dd = (d[py, px] - d[qy, qx]).abs()
-    dc = (img[py, px] - img[qy, qx]).norm(dim=-1)
+    dc = (image[py, px].double() - image[qy, qx].double()).norm(dim=-1)
     flat_d, flat_c = sig_d <= eps, sig_c <= eps
     sim_d = flat_d | (dd < theta_d)
     sim_c = flat_c | (dc < theta_c)
