@@ -9,9 +9,9 @@ pins host memory, which raises without a GPU; there the images stay in ordinary 
 training step the priors of its image:
 
 * ``batch["pixel_masks"]``: the image's SAM masks as per-pixel mask sets
-  (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`: a set id per pixel and small tables, about 4 bytes a
-  pixel; built once per image when the image cache is filled, never expanded to ``[M, H, W]``), on the model's
-  device; its ``mask_area`` is the ``int64 [M]`` pixel areas;
+  (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`: a set id per pixel, the pixels listed by set and small
+  tables, 7-10 MiB at 1008x756 with 150-300 masks; built once per image when the image cache is filled, never
+  expanded to ``[M, H, W]``), on the model's device; its ``mask_area`` is the ``int64 [M]`` pixel areas;
 * ``batch["depth_prior"]``: ``float32 [H, W, 1]`` relative inverse depth (larger = nearer, unknown scale and
   shift), on the model's device;
 * ``batch["mask_scales"]``: ``float32 [M]`` each mask's scale in [0, 1] (NaN = unknown), on the model's device,
@@ -50,8 +50,6 @@ class PepeDataset(InputDataset):
         """Priors of image ``data["image_idx"]`` resized to ``data["image"]``'s size: ``pixel_masks``
         (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`, on the host) and ``depth_prior [H, W, 1]`` float32
         (checked finite here, once per image). Empty when no cache is attached."""
-        from pepeseg3d_ns.priors.pixel_masks import PixelMasks
-
         if self.prior_cache is None:
             return {}
         path = Path(self._dataparser_outputs.image_filenames[data["image_idx"]])
@@ -65,7 +63,7 @@ class PepeDataset(InputDataset):
         if not bool(torch.isfinite(depth).all()):
             raise ValueError(f"the depth prior of {path} has NaN or infinite values; rebuild the priors "
                              "(`pepeseg3d priors --data SCENE`)")
-        return {"pixel_masks": PixelMasks.from_maskset(masks), "depth_prior": depth[..., None]}
+        return {"pixel_masks": masks.pixel_masks(), "depth_prior": depth[..., None]}
 
     def get_numpy_image(self, image_idx: int) -> np.ndarray:
         """Image ``[H, W, 3 or 4] uint8`` of training image ``image_idx``; clear errors for unreadable files."""
