@@ -319,6 +319,65 @@ def run_data_path_bench(
     return rows
 
 
+def sets_breakdown(resolution: Tuple[int, int] = (756, 1008), num_masks: int = 300, repeats: int = 5,
+                   threads: int = 1) -> Dict[str, float]:
+    """Median CPU seconds of each part of the ``sets`` path in this process (the same calls as the model's
+    ``get_loss_dict``, one after another): ``draw weights``, ``pixel draw`` (O(H W)), ``sampled masks``,
+    ``pairs + targets``, ``Lm``, ``perception pairs`` (O(H W) integral images), ``Lp + L2D``, ``backward``."""
+    from pepeseg3d_ns.contrast import losses as L
+    from pepeseg3d_ns.contrast import sampling as S
+    from pepeseg3d_ns.contrast.step_bench import build_model, make_recon_checkpoint
+
+    torch.set_num_threads(int(threads))
+    with tempfile.TemporaryDirectory(prefix="pepe_data_bench_") as tmp:
+        folder = write_inputs(Path(tmp) / "in", resolution, num_masks)
+        inputs = _read_inputs(folder, "sets")
+        model, _ = build_model(make_recon_checkpoint(Path(tmp) / "ckpt", 64), centroid_start=10**9, gate_warmup=0)
+    cfg = model.config
+    pm, H, W = inputs["pixel_masks"], resolution[0], resolution[1]
+    F = torch.nn.functional.normalize(torch.randn(H, W, cfg.feature_dim, generator=torch.Generator().manual_seed(1)),
+                                      dim=-1)
+    gen = torch.Generator().manual_seed(0)
+    parts: Dict[str, List[float]] = {}
+
+    def once() -> None:
+        clock = [time.process_time()]
+
+        def tick(name: str) -> None:
+            now = time.process_time()
+            parts.setdefault(name, []).append(now - clock[0])
+            clock[0] = now
+
+        scales = model.gate_scales(inputs["mask_scales"].float())
+        w = S.set_draw_weights(pm, scales, cfg.pixel_sampling, cfg.mask_balance)
+        tick("draw weights")
+        pix, ok = S.draw_pixels(pm, w, cfg.num_sample_pixels, gen)
+        tick("pixel draw")
+        sm = S.gather_sampled(pm, pix, scales)
+        tick("sampled masks")
+        i, j, s, t = S.set_sample_pairs(pm, sm, cfg.num_pairs, cfg.hard_pair_fraction, generator=gen)
+        tick("pairs + targets")
+        om, Fp = S.set_pixel_weights(sm), F.reshape(-1, cfg.feature_dim)[pix]
+        g = model._train_gate(s)
+        lm = L.scale_contrastive_loss(Fp[i] * g, Fp[j] * g, t["positive"], om[i] * om[j], t["valid"], check=False)
+        tick("Lm")
+        s_p = torch.rand(pix.numel(), generator=gen)
+        pp = S._perception_pairs(inputs["image"], inputs["depth_prior"][..., 0], pix, s_p, generator=gen)
+        tick("perception pairs")
+        gp = model._train_gate(s_p)
+        lp = L.perception_loss(Fp * gp, F.reshape(-1, cfg.feature_dim)[pp.q] * gp, pp.sim & ok, pp.dis & ok)
+        loss = lm + cfg.lambda_p * lp + L.norm_regulariser(Fp, ok)
+        tick("Lp + L2D")
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        tick("backward")
+
+    once()
+    for _ in range(int(repeats)):
+        once()
+    return {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in parts.items()}
+
+
 def format_markdown(rows: Sequence[Dict]) -> str:
     """One line per (image size, masks): both paths' time and peak memory, and the ratios."""
     if not rows:
@@ -362,6 +421,8 @@ class BenchStep:
     """Also write the markdown table here."""
     json_output: Optional[Path] = None
     """Also write the raw rows as JSON here."""
+    breakdown: bool = False
+    """Instead: time each part of the "sets" path in this process at the first resolution and the last mask count."""
 
     def main(self) -> None:
         res = []
@@ -371,6 +432,15 @@ class BenchStep:
             except ValueError:
                 raise SystemExit(f"--resolutions takes WxH values such as 1008x756, got {s!r}") from None
             res.append((h, w))
+        if self.breakdown:
+            parts = sets_breakdown(res[0], self.num_masks[-1], self.repeats, self.threads)
+            h, w = res[0]
+            print(f"sets path, {w}x{h}, {self.num_masks[-1]} masks: median CPU ms per part")
+            print("| part | ms |\n|---|---:|")
+            for k, v in parts.items():
+                print(f"| {k} | {v * 1e3:.1f} |")
+            print(f"| total | {sum(parts.values()) * 1e3:.1f} |")
+            return
         rows = run_data_path_bench(res, self.num_masks, self.paths, self.repeats, self.threads)
         md = format_markdown(rows)
         print(md)
