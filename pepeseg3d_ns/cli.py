@@ -18,6 +18,7 @@ from typing_extensions import Annotated
 
 import tyro
 
+from pepeseg3d_ns.contrast.data_bench import BenchStep
 from pepeseg3d_ns.contrast.step_bench import BenchContrast
 from pepeseg3d_ns.errors import UserError, check_all, check_count, check_file, check_number, check_threshold
 from pepeseg3d_ns.eval.benchmark import ROWS, SUITE_SCENES, BenchmarkSettings
@@ -291,7 +292,8 @@ class CheckRun:
 
 COMMANDS = {"synth": Synth, "priors": Priors, "demo": Demo, "recon-ablation": ReconAblation,
             "segment": Segment, "decompose": Decompose, "benchmark": Benchmark, "check-run": CheckRun,
-            "bench-render": BenchRender, "bench-contrast": BenchContrast, "bench-priors": BenchPriors}
+            "bench-render": BenchRender, "bench-contrast": BenchContrast, "bench-step": BenchStep,
+            "bench-priors": BenchPriors}
 
 
 def entrypoint(args: Optional[List[str]] = None) -> None:

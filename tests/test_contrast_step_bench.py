@@ -33,7 +33,8 @@ def test_make_batch_masks_nest_and_scales_follow_area():
     assert bool((s[i] > s[j])[bigger].all())
     # deterministic
     b2 = sb.make_batch((H, W), num_masks=M, seed=3)
-    assert all(torch.equal(b[k], b2[k]) for k in b)
+    assert all(torch.equal(b[k], b2[k]) for k in b if k != "pixel_masks")
+    assert torch.equal(b["pixel_masks"].to_dense(), masks)  # the model's per-pixel sets hold the same masks
 
 
 def test_checkpoint_is_readable_and_in_front_of_the_camera(tmp_path):
@@ -119,30 +120,32 @@ def test_gate_held_during_warmup_then_trained(tmp_path):
 def test_omega_pixel_sampling_favours_small_masks(tmp_path):
     """``pixel_sampling="omega"`` (and ``"mask"``) draws pixels with probability proportional to omega(p): a 4-pixel mask inside a
     16x16 image covered by one big mask gets omega 10 against 1, so about 10x its uniform share."""
+    from pepeseg3d_ns.priors.pixel_masks import PixelMasks
+
     model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, 50), centroid_start=10**6,
                               num_sample_pixels=20, pixel_sampling="omega")
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     masks[0] = True
     masks[1, :2, :2] = True  # 4 px
-    areas, scales = masks.flatten(1).sum(1).float(), torch.tensor([1.0, 0.1])
-    valid = masks.any(0)
+    pm, scales = PixelMasks.from_dense(masks), torch.tensor([1.0, 0.1])
     small = lambda pix: int((pix < 2).sum() + ((pix >= 16) & (pix < 18)).sum())  # noqa: E731  rows 0-1, cols 0-1
     hits = {"omega": 0, "uniform": 0, "mask": 0}
     for mode in hits:
         model.config.pixel_sampling = mode
         model._sample_gen.manual_seed(0)
         for _ in range(200):
-            pix = model._sample_pixels(valid, masks, areas, scales)
-            assert pix.numel() == 20 and pix.unique().numel() == 20
+            pix, ok = model._sample_pixels(pm, scales)
+            assert pix.numel() == 20 and pix.unique().numel() == 20 and bool(ok.all())
             hits[mode] += small(pix)
     # uniform: 20 * 4/256 = 0.31 small pixels per draw; omega: 20 * 40/292 = 2.7 (minus sampling without replacement)
     assert hits["uniform"] / 200 < 0.6 and hits["omega"] / 200 > 1.8, hits
     # mask-balanced (half the draws mask-first): the 4-px mask holds 26 % of the probability, 6.5 % per pixel, so
     # each of its pixels is among the 20 drawn with probability ~1 - 0.935^20 = 0.74: ~3 a draw (measured 3.1)
     assert hits["mask"] / 200 > 2.5, hits
+    assert model._sample_gen.device == model.device  # draws on the model's device
     model.config.pixel_sampling = "stratified"
     with pytest.raises(ValueError, match="pixel_sampling"):
-        model._sample_pixels(valid, masks, areas, scales)
+        model._sample_pixels(pm, scales)
 
 
 def test_gate_scales_stretch_the_fine_end(tmp_path):

@@ -16,6 +16,7 @@ from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
 from pepeseg3d_ns.priors.cli import Priors
 from pepeseg3d_ns.priors.compute import datamanager_images
 from pepeseg3d_ns.priors.masks import MaskSet
+from pepeseg3d_ns.priors.pixel_masks import PixelMasks
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +40,18 @@ def test_batches_carry_this_images_priors(scene_with_priors):
     for step in range(3):
         camera, batch = dm.next_train(step)
         pri = cache.load(keys[camera.metadata["cam_idx"]])
-        masks = batch["sam_masks"]
-        assert masks.dtype == torch.bool and masks.shape[1:] == (48, 48) and masks.shape[0] > 3
+        pm = batch["pixel_masks"]
+        assert isinstance(pm, PixelMasks) and (pm.height, pm.width) == (48, 48) and pm.num_masks > 3
+        masks = pm.to_dense()
         assert torch.equal(masks, torch.from_numpy(pri.masks.to_dense()))
-        assert torch.equal(batch["sam_mask_areas"], masks.flatten(1).sum(1))
+        assert torch.equal(pm.mask_area, masks.flatten(1).sum(1))
+        assert pm.pixel_set.shape == (48 * 48,) and pm.nbytes() < masks.numel()  # compact: under a byte a pixel-mask
+        assert "sam_masks" not in batch and "prior_masks" not in batch  # no dense stack, no packed copy per step
         assert batch["depth_prior"].shape == (48, 48, 1) and batch["depth_prior"].dtype == torch.float32
         np.testing.assert_allclose(batch["depth_prior"][..., 0].numpy(), pri.depth, rtol=1e-6)
-    # the image cache holds the packed masks, not dense tensors: memory stays proportional to one step
+    # the image cache holds the packed masks and the per-pixel sets, built once per image, not dense tensors
     assert all(isinstance(d["prior_masks"], MaskSet) for d in dm.cached_train)
+    assert all(isinstance(d["pixel_masks"], PixelMasks) for d in dm.cached_train)
     assert all("sam_masks" not in d for d in dm.cached_train)
 
 
@@ -60,19 +65,15 @@ def test_priors_follow_camera_res_scale_factor(scene_with_priors, tmp_path):
     dm = _datamanager(copy, priors="auto", camera_res_scale_factor=0.5)
     _, batch = dm.next_train(0)
     assert batch["image"].shape[:2] == (24, 24)
-    assert batch["sam_masks"].shape[1:] == (24, 24)
+    assert (batch["pixel_masks"].height, batch["pixel_masks"].width) == (24, 24)
     assert batch["depth_prior"].shape == (24, 24, 1)
 
 
 def test_downscale_prior_batch_matches_image_pooling():
-    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
-    masks[0, :4, :4] = True  # exactly one 2x2 block at factor 4... covers a quarter
-    masks[1, :, :3] = True  # 3 of 4 columns of the left block at factor 4
-    batch = {"sam_masks": masks, "sam_mask_areas": masks.flatten(1).sum(1), "depth_prior": torch.arange(64.0).reshape(8, 8, 1)}
+    pm = PixelMasks.from_dense(torch.ones(1, 8, 8, dtype=torch.bool))
+    batch = {"pixel_masks": pm, "depth_prior": torch.arange(64.0).reshape(8, 8, 1)}
     out = downscale_prior_batch(batch, 4)
-    assert out["sam_masks"].shape == (2, 2, 2)
-    assert out["sam_masks"][0].tolist() == [[True, False], [False, False]]
-    assert out["sam_masks"][1].tolist() == [[True, False], [True, False]]
+    assert out["pixel_masks"] is pm  # masks stay at full resolution (refinement reads them at scaled coordinates)
     assert out["depth_prior"].shape == (2, 2, 1)
     assert out["depth_prior"][0, 0, 0].item() == pytest.approx(np.arange(64.0).reshape(8, 8)[:4, :4].mean())
     assert downscale_prior_batch(batch, 1) is batch
@@ -85,7 +86,7 @@ def test_missing_cache_require_names_the_command(scene_with_priors, tmp_path):
         _datamanager(bare, priors="require")
     dm = _datamanager(bare, priors="off")
     _, batch = dm.next_train(0)
-    assert "sam_masks" not in batch and dm.prior_keys is None
+    assert "pixel_masks" not in batch and dm.prior_keys is None
 
 
 def test_evaluation_and_viewer_need_no_priors(scene_with_priors, tmp_path):

@@ -147,3 +147,53 @@ def test_near_surface_max_count_caps_the_nearest():
     out = near_surface(depths, means2d, radii, torch.ones(4, 4), fraction=0.5, max_count=2)
     assert out.nonzero().flatten().tolist() == [0, 1]
     assert not near_surface(depths, means2d, radii, torch.ones(4, 4), fraction=0.5, max_count=0).any()
+
+
+def _random_gaussians(n, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.stack([torch.rand(n, generator=g) * (w + 8) - 4, torch.rand(n, generator=g) * (h + 8) - 4], 1)
+    conics = torch.stack([conic_from(0.3 + 3 * float(torch.rand(1, generator=g)), 0.3 + float(torch.rand(1, generator=g)),
+                                     float(torch.rand(1, generator=g)) * math.pi) for _ in range(n)])
+    return means, conics
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_set_boundary_test_equals_the_dense_one(seed):
+    """Samples in different mask sets <=> the segment crosses the boundary of some mask (random nested masks,
+    segments running off the image, pixels in no mask)."""
+    from pepeseg3d_ns.priors.pixel_masks import PixelMasks
+    from pepeseg3d_ns.recon.refine import crosses_set_boundary
+    from test_pixel_masks import random_masks
+
+    masks, _, _ = random_masks(seed, h=30, w=40, m=35)
+    pm = PixelMasks.from_dense(masks)
+    means, conics = _random_gaussians(600, 30, 40, seed)
+    dense = crosses_mask_boundary(means, conics, masks)
+    got = crosses_set_boundary(means, conics, pm.pixel_set.view(30, 40))
+    assert torch.equal(got, dense)
+    assert 50 < int(dense.sum()) < 550  # both outcomes are well represented
+    # a baseline that ignores the masks (all one set) crosses nothing
+    assert not crosses_set_boundary(means, conics, torch.zeros(30, 40, dtype=torch.int32)).any()
+
+
+def test_set_boundary_at_a_downscaled_render_reads_the_full_resolution_masks():
+    """Rendered at 1/2 resolution, the samples are looked up at twice their coordinates: the same answer as the
+    dense test of the same Gaussians expressed in full-resolution pixels."""
+    from pepeseg3d_ns.priors.pixel_masks import PixelMasks
+    from pepeseg3d_ns.recon.refine import crosses_set_boundary
+    from test_pixel_masks import random_masks
+
+    masks, _, _ = random_masks(4, h=32, w=40, m=30)
+    pm = PixelMasks.from_dense(masks)
+    means, conics = _random_gaussians(500, 16, 20, 4)  # render-resolution coordinates
+    got = crosses_set_boundary(means, conics, pm.pixel_set.view(32, 40), scale=2.0)
+    assert torch.equal(got, crosses_mask_boundary(means * 2, conics / 4, masks))
+    assert not torch.equal(got, crosses_set_boundary(means, conics, pm.pixel_set.view(32, 40)))  # scale matters
+
+
+def test_only_visible_gaussians_are_tested():
+    from pepeseg3d_ns.recon.refine import visible_gaussians
+
+    radii = torch.tensor([3, 0, 2, 5, 1], dtype=torch.int32)
+    depths = torch.tensor([2.0, 2.0, -1.0, 0.5, 0.0])
+    assert visible_gaussians(radii, depths).tolist() == [0, 3]

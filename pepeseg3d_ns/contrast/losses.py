@@ -22,7 +22,10 @@ The model combines them as::
     (lam_m, lam_p, lam_cU, lam_cL) = (1.0, 0.2, 0.3, 0.1)     # Lc terms only after 7k steps
 
 Every loss returns a 0-d tensor; when it has nothing to average it returns ``0`` that is still attached to the
-autograd graph of its feature inputs (``features.sum() * 0``), so ``backward()`` always works.
+autograd graph of its feature inputs (``features.sum() * 0``), so ``backward()`` always works. Means over a
+selection are computed as masked sums over a clamped count, never by indexing with a bool mask or branching on a
+tensor's value, so no loss reads anything back from the device (a training step stays free of host-device
+synchronisation; :mod:`pepeseg3d_ns.readback`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ def _check_flag(x: Tensor, k: int, name: str) -> Tensor:
     return x.bool()
 
 
+def _masked_mean(x: Tensor, sel: Tensor) -> Tensor:
+    """Mean of ``x [K]`` over ``sel [K]`` (bool); 0 when nothing is selected (no read-back)."""
+    return torch.where(sel, x, torch.zeros_like(x)).sum() / sel.sum().clamp(min=1).to(x.dtype)
+
+
 def _zero(*feats: Tensor) -> Tensor:
     out = feats[0].sum() * 0.0
     for f in feats[1:]:
@@ -76,6 +84,7 @@ def scale_contrastive_loss(
     weight: Optional[Tensor],
     valid: Tensor,
     margin: float = 0.0,
+    check: bool = True,
 ) -> Tensor:
     """Scale-aware contrastive loss ``Lm`` (paper eq. 3/8).
 
@@ -89,6 +98,8 @@ def scale_contrastive_loss(
         weight: ``float [K]`` non-negative pair weights (``omega(p) * omega(q)``); ``None`` = all ones.
         valid: ``bool [K]``; invalid pairs contribute nothing (also not to the normaliser).
         margin: cosine below which negatives are not pushed further (paper: 0).
+        check: verify that the weights of valid pairs are finite and >= 0 (reads a flag back from the device; the
+            training step passes False, its weights are built >= 0).
 
     Returns:
         0-d tensor; ``0`` (graph kept) when no valid pair has positive weight or ``K = 0``.
@@ -102,16 +113,17 @@ def scale_contrastive_loss(
     elif not isinstance(weight, Tensor) or weight.shape != (k,):
         raise ValueError(f"weight must be a [K] tensor with K={k}, got shape {tuple(getattr(weight, 'shape', ()))}")
     weight = weight.to(device=fi.device, dtype=fi.dtype).detach()
-    if k and not bool(torch.all(torch.isfinite(weight[valid]) & (weight[valid] >= 0))):
+    if check and k and not bool(torch.all((torch.isfinite(weight) & (weight >= 0)) | ~valid)):
         raise ValueError("weight must be finite and >= 0 on valid pairs")
+    if k == 0:
+        return _zero(fi, fj)
     w = torch.where(valid, weight, torch.zeros_like(weight))
     total = w.sum()
-    if k == 0 or float(total) <= 0.0:
-        return _zero(fi, fj)
     c = cosine(fi, fj)
     per = torch.where(positive, 1.0 - c, torch.relu(c - margin))
     per = torch.where(valid, per, torch.zeros_like(per))  # keeps NaN of invalid rows out
-    return (w * per).sum() / total
+    # no valid weight: every term is 0, and so is the quotient (graph kept)
+    return (w * per).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def perception_loss(fp: Tensor, fq: Tensor, sim: Tensor, dis: Tensor) -> Tensor:
@@ -131,22 +143,18 @@ def perception_loss(fp: Tensor, fq: Tensor, sim: Tensor, dis: Tensor) -> Tensor:
     k = fp.shape[0]
     sim = _check_flag(sim, k, "sim").to(fp.device)
     dis = _check_flag(dis, k, "dis").to(fp.device)
-    out = _zero(fp, fq)
-    if not bool(sim.any()) and not bool(dis.any()):
-        return out
+    if k == 0:
+        return _zero(fp, fq)
     c = cosine(fp, fq)
-    if bool(sim.any()):
-        out = out + (1.0 - c[sim]).mean()
-    if bool(dis.any()):
-        out = out + torch.relu(c[dis]).mean()
-    return out
+    return _masked_mean(1.0 - c, sim) + _masked_mean(torch.relu(c), dis)
 
 
-def norm_regulariser(F: Tensor) -> Tensor:
+def norm_regulariser(F: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     """Feature-norm regulariser ``L2D = mean_p (||F(p)||_2 - 1)^2``.
 
     Args:
         F: ``float [P, D]`` (ungated) rendered features of the sampled pixels.
+        valid: optional ``bool [P]``: the mean runs over these rows only (0 when none).
 
     Returns:
         0-d tensor; ``0`` (graph kept) when ``P = 0``.
@@ -155,10 +163,13 @@ def norm_regulariser(F: Tensor) -> Tensor:
         raise ValueError(f"F must be a [P, D] tensor with D > 0, got shape {tuple(getattr(F, 'shape', ()))}")
     if F.shape[0] == 0:
         return _zero(F)
-    return ((F.norm(dim=-1) - 1.0) ** 2).mean()
+    per = (F.norm(dim=-1) - 1.0) ** 2
+    if valid is None:
+        return per.mean()
+    return _masked_mean(per, _check_flag(valid, F.shape[0], "valid").to(F.device))
 
 
-def centroid_pull_loss(feats: Tensor, centroids: Tensor, tau: float = 0.9) -> Tensor:
+def centroid_pull_loss(feats: Tensor, centroids: Tensor, tau: float = 0.9, valid: Optional[Tensor] = None) -> Tensor:
     """View-consistent centroid loss ``Lc`` for one centroid set (paper eq. 5).
 
     With ``c*(p) = argmax_c cos(feats_p, c)`` over the (detached) centroids and ``Q = {p : cos(feats_p, c*(p)) > tau}``:
@@ -170,6 +181,7 @@ def centroid_pull_loss(feats: Tensor, centroids: Tensor, tau: float = 0.9) -> Te
         feats: ``float [P, D]`` gated features (``s = 1`` for the coarse set ``U``, ``s = 0`` for the fine set ``L``).
         centroids: ``float [C, D]`` (need not be unit norm; only directions matter). ``C`` may be 0.
         tau: confidence threshold on the cosine.
+        valid: optional ``bool [P]``: only these rows can be in ``Q``.
 
     Returns:
         0-d tensor (graph to ``feats`` kept when 0).
@@ -188,6 +200,6 @@ def centroid_pull_loss(feats: Tensor, centroids: Tensor, tau: float = 0.9) -> Te
     f = feats / feats.norm(dim=-1, keepdim=True).clamp(min=_EPS)
     best = (f @ c.t()).max(dim=1).values  # [P]
     q = best > tau
-    if not bool(q.any()):
-        return _zero(feats)
-    return (1.0 - best[q]).mean()
+    if valid is not None:
+        q = q & _check_flag(valid, feats.shape[0], "valid").to(q.device)
+    return _masked_mean(1.0 - best, q)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor
@@ -251,7 +251,7 @@ class PepeContrastModel(PepeSplatfactoModel):
         self._centroid_gen: Optional[torch.Generator] = None
         self.register_buffer("centroids_upper", torch.zeros(0, cfg.feature_dim))
         self.register_buffer("centroids_lower", torch.zeros(0, cfg.feature_dim))
-        self._sample_gen = torch.Generator().manual_seed(0)
+        self._sample_gens: Dict[str, torch.Generator] = {}
         self.step = 0
         from pepeseg3d_ns.viewer.controls import SegmentationPanel
 
@@ -330,7 +330,10 @@ class PepeContrastModel(PepeSplatfactoModel):
 
     def gate(self, s: Union[float, Tensor]) -> Tensor:
         """``psi(s)``: ``[K, D]`` for scales ``s`` (float or ``[K]``) in [0, 1]."""
-        s = torch.as_tensor(s, dtype=torch.float32, device=self.gauss_features.device).reshape(-1)
+        dev = self.gauss_features.device
+        if isinstance(s, (int, float)):  # filled on the device: no host-to-device copy
+            s = torch.full((1,), float(s), dtype=torch.float32, device=dev)
+        s = torch.as_tensor(s, dtype=torch.float32, device=dev).reshape(-1)
         return self.scale_gate(s)
 
     def gaussian_features(self, scale: float) -> Tensor:
@@ -338,9 +341,12 @@ class PepeContrastModel(PepeSplatfactoModel):
         return self.smoothed_features() * self.gate(scale)
 
     def _camera_setup(self, camera: Cameras):
+        from pepeseg3d_ns.readback import allow_readback
+
         c2w = camera.camera_to_worlds
         Ks = camera.get_intrinsics_matrices().to(self.device)
-        W, H = int(camera.width.item()), int(camera.height.item())
+        with allow_readback("image size: nerfstudio Cameras hold it in device tensors"):
+            W, H = int(camera.width.item()), int(camera.height.item())
         return viewmat_from_c2w(c2w.to(self.device)), Ks, W, H
 
     def render_feature_map(self, camera: Cameras, features: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -354,12 +360,15 @@ class PepeContrastModel(PepeSplatfactoModel):
         if ids is not None:
             p = {k: v[ids] for k, v in p.items()}
             feats = feats[ids]
-        render, alpha, info = rasterize(
-            means=p["means"], quats=p["quats"], scales=torch.exp(p["scales"]),
-            opacities=torch.sigmoid(p["opacities"]).squeeze(-1), colors=feats,
-            viewmats=viewmats, Ks=Ks, width=W, height=H, packed=False, near_plane=0.01, far_plane=1e10,
-            render_mode="RGB", sh_degree=None, rasterize_mode=self.config.rasterize_mode,
-        )
+        from pepeseg3d_ns.readback import allow_readback
+
+        with allow_readback("rasterizer (gsplat synchronises itself; the CPU path sizes its tile lists)"):
+            render, alpha, info = rasterize(
+                means=p["means"], quats=p["quats"], scales=torch.exp(p["scales"]),
+                opacities=torch.sigmoid(p["opacities"]).squeeze(-1), colors=feats,
+                viewmats=viewmats, Ks=Ks, width=W, height=H, packed=False, near_plane=0.01, far_plane=1e10,
+                render_mode="RGB", sh_degree=None, rasterize_mode=self.config.rasterize_mode,
+            )
         return render[0], alpha[0]
 
     # ------------------------------------------------------------------ forward
@@ -392,27 +401,28 @@ class PepeContrastModel(PepeSplatfactoModel):
         return crop & sel
 
     # ------------------------------------------------------------------ losses
-    def _sample_pixels(self, valid: Tensor, masks: Optional[Tensor] = None, areas: Optional[Tensor] = None,
-                       mask_scales: Optional[Tensor] = None) -> Tensor:
-        """Flat indices of ``num_sample_pixels`` distinct pixels among ``valid [H, W]`` (see ``pixel_sampling``)."""
-        from pepeseg3d_ns.contrast.sampling import mask_balanced_probabilities, pixel_weights
+    @property
+    def _sample_gen(self) -> torch.Generator:
+        """The generator of the step's pixel/pair/scale draws, on the model's device (seed 0, made on first use
+        per device), so that no random numbers cross between host and device."""
+        dev = self.device
+        key = str(dev)
+        if key not in self._sample_gens:
+            self._sample_gens[key] = torch.Generator(device=dev).manual_seed(0)
+        return self._sample_gens[key]
+
+    def _sample_pixels(self, pm, mask_scales: Tensor) -> Tuple[Tensor, Tensor]:
+        """``num_sample_pixels`` distinct pixels among those covered by a mask with a known scale (see
+        ``pixel_sampling``), drawn on the model's device from the per-pixel mask sets ``pm``
+        (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`) and the masks' gate scales ``[M]``. Returns flat
+        indices ``[P]`` and ``ok [P]`` (False only when the image holds fewer covered pixels than ``P``)."""
+        from pepeseg3d_ns.contrast.sampling import draw_pixels, set_draw_weights
 
         mode = self.config.pixel_sampling
         if mode not in ("uniform", "omega", "mask"):
             raise ValueError(f"pixel_sampling must be 'uniform', 'omega' or 'mask', got {mode!r}")
-        idx = torch.nonzero(valid.flatten()).flatten()
-        n = min(self.config.num_sample_pixels, idx.numel())
-        if mode in ("omega", "mask") and masks is not None and n > 0:
-            if mode == "omega":
-                member = masks.flatten(1)[:, idx].T  # [P, M]
-                w = pixel_weights(member, areas, mask_scales).double().cpu()
-            else:
-                w = mask_balanced_probabilities(masks, mask_scales, self.config.mask_balance)[idx].cpu()
-            if int((w > 0).sum()) >= n:
-                pick = torch.multinomial(w, n, replacement=False, generator=self._sample_gen).to(idx.device)
-                return idx[pick]
-        perm = torch.randperm(idx.numel(), generator=self._sample_gen)[:n].to(idx.device)
-        return idx[perm]
+        weights = set_draw_weights(pm, mask_scales, mode, self.config.mask_balance)
+        return draw_pixels(pm, weights, self.config.num_sample_pixels, generator=self._sample_gen)
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
         metrics = {"gaussian_count": float(self.num_points)}
@@ -430,7 +440,7 @@ class PepeContrastModel(PepeSplatfactoModel):
 
         if not self.training or "features" not in outputs:
             return {}
-        for key in ("sam_masks", "mask_scales", "depth_prior"):
+        for key in ("pixel_masks", "mask_scales", "depth_prior"):
             if key not in batch:
                 raise KeyError(
                     f"pepe-contrast needs batch['{key}'] (perception priors and mask scales); train with the "
@@ -439,56 +449,56 @@ class PepeContrastModel(PepeSplatfactoModel):
         cfg = self.config
         F = outputs["features"]
         H, W, D = F.shape
-        masks = batch["sam_masks"].to(self.device)
+        pm = batch["pixel_masks"].to(self.device)
+        if (pm.height, pm.width) != (H, W):
+            raise ValueError(f"the masks are {pm.height}x{pm.width} but the rendered features {H}x{W}")
         mask_scales = self.gate_scales(batch["mask_scales"].to(self.device).float())
-        areas = batch["sam_mask_areas"].to(self.device).float()
-        known = torch.isfinite(mask_scales)
-        covered = (masks & known[:, None, None]).any(0) if masks.shape[0] else torch.zeros(H, W, dtype=torch.bool)
-        pix = self._sample_pixels(covered, masks, areas, mask_scales)
+        gen = self._sample_gen
+        pix, ok = self._sample_pixels(pm, mask_scales)
+        sm = S.gather_sampled(pm, pix, mask_scales)
         losses: Dict[str, Tensor] = {}
-        if pix.numel() < 2:
-            losses["contrast_loss"] = F.sum() * 0
-            return losses
         Fp = F.reshape(-1, D)[pix]
-        member = S.membership(masks, pix)
 
         if cfg.lambda_m > 0:
-            i, j, s = S.sample_pairs(member, mask_scales, cfg.num_pairs, hard_fraction=cfg.hard_pair_fraction,
-                                     generator=self._sample_gen, mask_areas=areas)
-            targets = S.pair_targets(member, mask_scales, i, j, s, areas)
+            i, j, s, targets = S.set_sample_pairs(pm, sm, cfg.num_pairs, hard_fraction=cfg.hard_pair_fraction,
+                                                  generator=gen)
             if cfg.pixel_weighting:
-                w = S.pixel_weights(member, areas, mask_scales)
+                w = S.set_pixel_weights(sm)
                 weight = w[i] * w[j]
             else:
                 weight = torch.ones_like(s)
             g = self._train_gate(s)
             losses["contrast_loss"] = cfg.lambda_m * L.scale_contrastive_loss(
-                Fp[i] * g, Fp[j] * g, targets["positive"], weight, targets["valid"])
-            self._last_hard_fraction = float(targets["hard"].float().mean()) if s.numel() else 0.0
+                Fp[i] * g, Fp[j] * g, targets["positive"], weight, targets["valid"], check=False)
+            self._last_hard_fraction = targets["hard"].float().mean().detach()  # a tensor: read only when logged
 
         if cfg.lambda_p > 0:
             image = batch["image"][..., :3].to(self.device).float()
             if image.shape[:2] != (H, W):
                 raise ValueError(f"image {tuple(image.shape[:2])} and rendered features {(H, W)} differ")
-            s_p = torch.rand(pix.numel(), generator=self._sample_gen).to(self.device)
-            pp = S.perception_pairs(image, batch["depth_prior"].to(self.device)[..., 0].float(), pix, s_p,
-                                    generator=self._sample_gen)
+            s_p = torch.rand(pix.numel(), generator=gen, device=self.device)
+            pp = S._perception_pairs(image, batch["depth_prior"].to(self.device)[..., 0].float(), pix, s_p,
+                                     generator=gen)
             g = self._train_gate(s_p)
             fq = F.reshape(-1, D)[pp.q]
-            losses["perception_loss"] = cfg.lambda_p * L.perception_loss(Fp * g, fq * g, pp.sim, pp.dis)
+            losses["perception_loss"] = cfg.lambda_p * L.perception_loss(Fp * g, fq * g, pp.sim & ok, pp.dis & ok)
 
-        self._refresh_centroids(F.detach(), covered)  # capture / start / merge on their steps, else nothing
+        # capture / start / merge on their steps, else nothing (the covered pixels are computed on capture steps only)
+        self._refresh_centroids(F.detach(), lambda: S.covered_pixels(pm, mask_scales))
         if self._centroids_active():
             g1, g0 = self._train_gate(1.0), self._train_gate(0.0)
             lc = Fp.sum() * 0
+            # the sets' device copies (buffers kept equal to the banks at every refresh and load): no copy per step
             if cfg.lambda_c_upper > 0 and self.centroids_upper.shape[0]:
-                lc = lc + cfg.lambda_c_upper * L.centroid_pull_loss(Fp * g1, self.centroids_upper, cfg.centroid_tau)
+                lc = lc + cfg.lambda_c_upper * L.centroid_pull_loss(Fp * g1, self.centroids_upper,
+                                                                    cfg.centroid_tau, valid=ok)
             if cfg.lambda_c_lower > 0 and self.centroids_lower.shape[0]:
-                lc = lc + cfg.lambda_c_lower * L.centroid_pull_loss(Fp * g0, self.centroids_lower, cfg.centroid_tau)
+                lc = lc + cfg.lambda_c_lower * L.centroid_pull_loss(Fp * g0, self.centroids_lower,
+                                                                    cfg.centroid_tau, valid=ok)
             losses["centroid_loss"] = lc
 
         if cfg.lambda_norm > 0:
-            losses["norm_loss"] = cfg.lambda_norm * L.norm_regulariser(Fp)
+            losses["norm_loss"] = cfg.lambda_norm * L.norm_regulariser(Fp, valid=ok)
         return losses
 
     def gate_scales(self, mask_scales: Tensor) -> Tensor:
@@ -518,9 +528,10 @@ class PepeContrastModel(PepeSplatfactoModel):
         return int(cfg.centroid_start) - lag, every, lag, max(1, min(int(cfg.centroid_views), every))
 
     @torch.no_grad()
-    def _refresh_centroids(self, F: Tensor, covered: Tensor) -> None:
+    def _refresh_centroids(self, F: Tensor, covered: Callable[[], Tensor]) -> None:
         """The centroid refresh's part of a training step, from the rendered features ``F [H, W, D]`` (ungated,
-        detached) and the pixels in a mask with a known scale ``covered bool [H, W]``:
+        detached) and ``covered()``, which returns the pixels in a mask with a known scale (``bool [H, W]``; called
+        on capture steps only):
 
         * on a capture step, keep a random subsample of this view's covered pixels (on the device, no read-back);
         * on a start step, gate the captured pixels at ``s = 1`` and ``s = 0``, copy them to the host (the
@@ -536,12 +547,18 @@ class PepeContrastModel(PepeSplatfactoModel):
         first, every, lag, views = self.centroid_schedule()
         to_start = (first - self.step) % every  # steps until the next start
         if self.step >= first - views + 1 and to_start < views:
-            self._capture_centroid_view(F, covered, views)
+            self._capture_centroid_view(F, covered(), views)
             if to_start == 0:
-                self._start_centroid_refresh(views)
+                from pepeseg3d_ns.readback import allow_readback
+
+                with allow_readback("centroid refresh: captured features to the clustering worker"):
+                    self._start_centroid_refresh(views)
         while self._centroid_due and self._centroid_due[0] <= self.step:
             self._centroid_due.pop(0)
-            self._merge_centroid_refresh()
+            from pepeseg3d_ns.readback import allow_readback
+
+            with allow_readback("centroid refresh: merge of the worker's centres"):
+                self._merge_centroid_refresh()
 
     def _capture_centroid_view(self, F: Tensor, covered: Tensor, views: int) -> None:
         H, W, D = F.shape

@@ -146,8 +146,10 @@ def make_batch(resolution: Resolution, num_masks: int = 60, seed: int = 0, devic
     non-empty and every non-top mask lies inside an earlier mask. Mask scales are the rank of ``sqrt(area)`` mapped to
     [0, 1] (ties by index), i.e. what the scene's quantile transform gives when size grows with area.
 
-    Returns ``{"image": float32 [H, W, 3] in [0, 1], "sam_masks": bool [M, H, W], "sam_mask_areas": int64 [M],
-    "mask_scales": float32 [M], "depth_prior": float32 [H, W, 1] (smooth, larger = nearer)}`` on ``device``.
+    Returns ``{"image": float32 [H, W, 3] in [0, 1], "pixel_masks": PixelMasks (what the datamanager hands the
+    model), "mask_scales": float32 [M], "depth_prior": float32 [H, W, 1] (smooth, larger = nearer)}`` on ``device``,
+    plus the dense reference ``"sam_masks": bool [M, H, W]`` and ``"sam_mask_areas": int64 [M]`` (the model does
+    not read them).
     """
     H, W = _check_resolution(resolution)
     if num_masks < 1:
@@ -189,8 +191,11 @@ def make_batch(resolution: Resolution, num_masks: int = 60, seed: int = 0, devic
     scales = rank / max(num_masks - 1, 1)
     depth = 1.0 + 0.5 * torch.sin(xx / W * 3.0) * torch.cos(yy / H * 2.0)
     image = torch.rand(H, W, 3, generator=g)
+    from pepeseg3d_ns.priors.pixel_masks import PixelMasks
+
     batch = {
         "image": image,
+        "pixel_masks": PixelMasks.from_dense(masks),
         "sam_masks": masks,
         "sam_mask_areas": areas.long(),
         "mask_scales": scales,
@@ -284,11 +289,12 @@ _PROFILED = {
     "projection fwd": ("pepeseg3d_ns.render.rasterize", "project_gaussians"),
     "tile intersection": ("pepeseg3d_ns.render.rasterize", "isect_tiles"),
     "compositing fwd": ("pepeseg3d_ns.render.rasterize", "composite_cpu"),
-    "sampling: membership": ("pepeseg3d_ns.contrast.sampling", "membership"),
-    "sampling: pairs": ("pepeseg3d_ns.contrast.sampling", "sample_pairs"),
-    "sampling: pair targets": ("pepeseg3d_ns.contrast.sampling", "pair_targets"),
-    "sampling: pixel weights": ("pepeseg3d_ns.contrast.sampling", "pixel_weights"),
-    "sampling: perception pairs": ("pepeseg3d_ns.contrast.sampling", "perception_pairs"),
+    "sampling: pixel draw": ("pepeseg3d_ns.contrast.sampling", "draw_pixels"),
+    "sampling: sampled masks": ("pepeseg3d_ns.contrast.sampling", "gather_sampled"),
+    "sampling: pairs": ("pepeseg3d_ns.contrast.sampling", "set_sample_pairs"),
+    "sampling: pair targets": ("pepeseg3d_ns.contrast.sampling", "set_pair_targets"),
+    "sampling: pixel weights": ("pepeseg3d_ns.contrast.sampling", "set_pixel_weights"),
+    "sampling: perception pairs": ("pepeseg3d_ns.contrast.sampling", "_perception_pairs"),
     "loss: Lm": ("pepeseg3d_ns.contrast.losses", "scale_contrastive_loss"),
     "loss: Lp": ("pepeseg3d_ns.contrast.losses", "perception_loss"),
     "loss: L2D": ("pepeseg3d_ns.contrast.losses", "norm_regulariser"),
@@ -422,7 +428,7 @@ def _worker(cfg: dict) -> dict:
     row.update(setup_s=info["setup_s"], knn_s=info["knn_s"])
     camera = make_camera((H, W), device=device)
     batch = make_batch((H, W), num_masks=int(cfg["num_masks"]), seed=cfg["seed"], device=device)
-    row["covered_px"] = int(batch["sam_masks"].any(0).sum())
+    row["covered_px"] = int((batch["pixel_masks"].set_masks[:, 0] >= 0).long()[batch["pixel_masks"].pixel_set.long()].sum())
     opt = make_optimizer(model)
     c0, every = model.config.centroid_start, model.config.centroid_every
 

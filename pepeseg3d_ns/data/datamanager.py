@@ -10,18 +10,23 @@ downscaled it: the prior cache (:mod:`pepeseg3d_ns.priors.cache`) is keyed by a 
 and missing entries are computed on them (:mod:`pepeseg3d_ns.priors.compute`), so masks and depth are
 pixel-aligned with what the model sees whatever the dataparser and its options. Every training step carries:
 
-* ``batch["prior_masks"]``: the :class:`~pepeseg3d_ns.priors.masks.MaskSet` of the image;
-* ``batch["sam_masks"]``: ``bool [M, H, W]`` dense masks of this one image on the model's device;
-* ``batch["sam_mask_areas"]``: ``int64 [M]`` pixel areas;
+* ``batch["pixel_masks"]``: the image's SAM masks as per-pixel mask sets
+  (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`: a set id per pixel, the pixels listed by set and small
+  tables, 7-10 MiB at 1008x756 with 150-300 masks; built once per image when the priors are attached, never
+  expanded to ``[M, H, W]``), on the model's device; its ``mask_area`` is the ``int64 [M]`` pixel areas;
 * ``batch["depth_prior"]``: ``float32 [H, W, 1]`` relative inverse depth (larger = nearer, unknown scale and
   shift), on the model's device;
-* ``batch["mask_scales"]``: ``float32 [M]`` each mask's scale in [0, 1] (NaN = unknown), only when
-  :attr:`PepeDatamanager.mask_scales` is set (the pepe-contrast pipeline measures them on its frozen geometry).
+* ``batch["mask_scales"]``: ``float32 [M]`` each mask's scale in [0, 1] (NaN = unknown), on the model's device,
+  only when :attr:`PepeDatamanager.mask_scales` is set (the pepe-contrast pipeline measures them on its frozen
+  geometry).
 
-All are at the resolution of the image the datamanager hands over. When splatfacto renders at a further reduced
-resolution early in training, :func:`downscale_prior_batch` brings them to it the same way splatfacto
-downsamples the image. ns-eval and the viewer (``test_mode`` "test" / "inference") attach no priors: a trained
-run opens without the cache.
+All are at the resolution of the image the datamanager hands over. On CUDA they are copied from pinned memory
+without blocking the host. When splatfacto renders at a further reduced resolution early in training,
+:func:`downscale_prior_batch` brings the depth prior to it the same way splatfacto downsamples the image (the
+masks stay at full resolution: refinement looks them up at the scaled pixel coordinates). The image cache also keeps each
+image's packed :class:`~pepeseg3d_ns.priors.masks.MaskSet` (``prior_masks``, not handed to steps), on which the
+pepe-contrast pipeline measures the mask scales. ns-eval and the viewer
+(``test_mode`` "test" / "inference") attach no priors: a trained run opens without the cache.
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
 
     # ------------------------------------------------------------------ priors
     def _attach_priors(self, cached: List[Dict]) -> None:
-        """Put ``prior_masks`` (MaskSet) and ``depth_prior`` (``float32 [H, W, 1]``) into every cached training
+        """Put ``prior_masks`` (MaskSet), ``pixel_masks`` (PixelMasks) and ``depth_prior`` (``float32 [H, W, 1]``) into every cached training
         image, from the cache entries of exactly these pixels; compute missing entries when sources are available
         (``priors="auto"``); stop with a message naming the command that computes them otherwise."""
         from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
@@ -152,6 +157,7 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
         for im, d in zip(images, cached):
             pri = cache.load(im.key)
             d["prior_masks"] = pri.masks
+            d["pixel_masks"] = pri.masks.pixel_masks()
             d["depth_prior"] = torch.from_numpy(pri.depth)[..., None]
             entries.append(pri.entry)
         self._check_one_setting(cache, entries)
@@ -198,33 +204,32 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
     def next_train(self, step: int) -> Tuple[Cameras, Dict]:
         """One training image (see the module docstring for the prior keys added to the batch)."""
         camera, data = super().next_train(step)
-        if "prior_masks" in data:
-            masks = data["prior_masks"]
-            data["sam_masks"] = masks.to_torch(self.device)
-            data["sam_mask_areas"] = torch.from_numpy(masks.areas).to(self.device)
-            data["depth_prior"] = data["depth_prior"].to(self.device)
+        data.pop("prior_masks", None)  # the packed masks stay in the image cache (the pipeline measures scales on them)
+        if "pixel_masks" in data:
+            masks = data["pixel_masks"]
+            data["pixel_masks"] = _to_device(masks, self.device)
+            data["depth_prior"] = _to_device(data["depth_prior"], self.device)
             if self.mask_scales is not None:
-                scales = torch.from_numpy(self.mask_scales[data["image_idx"]])
-                data["mask_scales"] = scales.to(self.device)
+                data["mask_scales"] = _to_device(torch.from_numpy(self.mask_scales[data["image_idx"]]), self.device)
         return camera, data
 
 
+def _to_device(x, device):
+    """``x`` (a tensor or a PixelMasks) on ``device``; to CUDA through pinned memory, without blocking the host."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def downscale_prior_batch(batch: Dict, factor: int) -> Dict:
-    """Priors of ``batch`` at ``1/factor`` resolution, downsampled the way splatfacto downsamples the image
-    (``factor x factor`` box average with stride ``factor``, so ``H // factor`` rows); masks keep the pixels
-    more than half covered. Returns a new dict with ``sam_masks [M, H', W']``, ``sam_mask_areas [M]`` and
-    ``depth_prior [H', W', 1]``; other keys are shared with ``batch``."""
-    if factor <= 1 or "sam_masks" not in batch:
+    """The depth prior of ``batch`` at ``1/factor`` resolution, downsampled the way splatfacto downsamples the
+    image (``factor x factor`` box average with stride ``factor``, so ``H // factor`` rows). Returns a new dict
+    with ``depth_prior [H', W', 1]``; other keys (``pixel_masks`` too, which stays at full resolution) are shared
+    with ``batch``."""
+    if factor <= 1 or "depth_prior" not in batch:
         return batch
     out = dict(batch)
-    masks = batch["sam_masks"]
-    if masks.shape[0] > 0:
-        pooled = F.avg_pool2d(masks[:, None].float(), kernel_size=factor, stride=factor)[:, 0]
-        out["sam_masks"] = pooled > 0.5
-    else:
-        h, w = masks.shape[1] // factor, masks.shape[2] // factor
-        out["sam_masks"] = masks.new_zeros((0, h, w))
-    out["sam_mask_areas"] = out["sam_masks"].flatten(1).sum(1)
     depth = batch["depth_prior"].permute(2, 0, 1)[None]
     out["depth_prior"] = F.avg_pool2d(depth, kernel_size=factor, stride=factor)[0].permute(1, 2, 0)
     return out

@@ -32,6 +32,7 @@ from nerfstudio.models.splatfacto import (
 )
 from nerfstudio.utils.colors import get_color
 
+from pepeseg3d_ns.readback import allow_readback
 from pepeseg3d_ns.render import rasterize, viewmat_from_c2w
 
 
@@ -189,7 +190,8 @@ class PepeSplatfactoModel(SplatfactoModel):
         scale = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / scale)
         Ks = camera.get_intrinsics_matrices().to(self.device)
-        W, H = int(camera.width.item()), int(camera.height.item())
+        with allow_readback("image size: nerfstudio Cameras hold it in device tensors"):
+            W, H = int(camera.width.item()), int(camera.height.item())
         camera.rescale_output_resolution(scale)
         self.last_size = (H, W)
         viewmats = viewmat_from_c2w(c2w.to(self.device))
@@ -202,11 +204,12 @@ class PepeSplatfactoModel(SplatfactoModel):
             sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
 
         g = self._render_inputs(crop_ids)
-        render, alpha, self.info = rasterize(
-            **g, viewmats=viewmats, Ks=Ks, width=W, height=H, packed=False, near_plane=0.01, far_plane=1e10,
-            render_mode=render_mode, sh_degree=sh_degree, absgrad=self.strategy.absgrad,
-            rasterize_mode=self.config.rasterize_mode,
-        )
+        with allow_readback("rasterizer (gsplat synchronises itself; the CPU path sizes its tile lists)"):
+            render, alpha, self.info = rasterize(
+                **g, viewmats=viewmats, Ks=Ks, width=W, height=H, packed=False, near_plane=0.01, far_plane=1e10,
+                render_mode=render_mode, sh_degree=sh_degree, absgrad=self.strategy.absgrad,
+                rasterize_mode=self.config.rasterize_mode,
+            )
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
 
@@ -329,16 +332,13 @@ class PepeReconModel(PepeSplatfactoModel):
         return cfg.refine_boundaries and cfg.refine_start <= step < end
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, torch.Tensor]:
-        """Splatfacto's metrics; during the refinement window also stashes this view's SAM masks and rendered
-        depth for :meth:`step_post_backward`, and reports the last step's ``refine_splits`` and the run's
-        ``refine_splits_total`` so far."""
+        """Splatfacto's metrics; during the refinement window also stashes this view's per-pixel mask sets, rendered
+        depth and downscale factor for :meth:`step_post_backward` (outside the window the masks are not touched),
+        and reports the last step's ``refine_splits`` and the run's ``refine_splits_total`` so far."""
         metrics = super().get_metrics_dict(outputs, batch)
         self._refine_inputs = None
-        if self.training and self._refining(self.step) and "sam_masks" in batch and outputs.get("depth") is not None:
-            from pepeseg3d_ns.data.datamanager import downscale_prior_batch
-
-            masks = downscale_prior_batch(batch, self._get_downscale_factor())["sam_masks"]
-            self._refine_inputs = (masks, outputs["depth"][..., 0].detach())
+        if self.training and self._refining(self.step) and "pixel_masks" in batch and outputs.get("depth") is not None:
+            self._refine_inputs = (batch["pixel_masks"], outputs["depth"][..., 0].detach(), self._get_downscale_factor())
         metrics["refine_splits"] = float(getattr(self, "_last_splits", 0))
         metrics["refine_splits_total"] = float(getattr(self, "_total_splits", 0))
         return metrics
@@ -351,9 +351,10 @@ class PepeReconModel(PepeSplatfactoModel):
         inputs = getattr(self, "_refine_inputs", None)
         if inputs is None or not self._refining(step):
             return
-        from pepeseg3d_ns.recon.refine import crosses_mask_boundary, near_surface, split_along_major_axis
+        from pepeseg3d_ns.recon.refine import (crosses_set_boundary, near_surface, split_along_major_axis,
+                                               visible_gaussians)
 
-        masks, depth = inputs
+        pm, depth, factor = inputs
         info = self.info
         n = self.num_points
         if info["means2d"].shape[1] != n:  # densification changed the set this step; next view then
@@ -365,7 +366,12 @@ class PepeReconModel(PepeSplatfactoModel):
         if getattr(self, "_refine_n0", None) is None or step == cfg.refine_start:
             self._refine_n0 = n
         budget = int(math.ceil(cfg.refine_max_growth * self._refine_n0 / window))
-        crossing = crosses_mask_boundary(means2d, conics, masks)
+        # the boundary test runs on the Gaussians drawn in this view only; the masks are read at their own
+        # resolution (render coordinates x the downscale factor)
+        vis = visible_gaussians(radii, depths)
+        crossing = torch.zeros(n, dtype=torch.bool, device=means2d.device)
+        pixel_set = pm.to(means2d.device).pixel_set.view(pm.height, pm.width)
+        crossing[vis] = crosses_set_boundary(means2d[vis], conics[vis], pixel_set, scale=factor)
         split = near_surface(depths, means2d, radii, depth, cfg.refine_close_fraction, candidates=crossing,
                              max_count=budget)
         self._last_splits = split_along_major_axis(self.gauss_params, self.optimizers, self.strategy_state, split)

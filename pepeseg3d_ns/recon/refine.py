@@ -6,6 +6,13 @@ of the segment lie inside the mask and some outside. Only the near-surface Gauss
 Gaussians visible in the view, the ``lambda_close`` fraction with the smallest gap between their camera-space
 depth ``z_k`` and the rendered depth at their pixel.
 
+The view's masks come as per-pixel mask sets (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`): a segment
+crosses the boundary of some mask exactly when its samples lie in different mask sets (two pixels in the same set
+lie in the same masks; two pixels in different sets differ in at least one mask), so the test is ``n_samples``
+lookups per Gaussian, whatever the number of masks, and only the Gaussians visible in the view are tested
+(:func:`visible_gaussians`). :func:`crosses_mask_boundary` is the same test on dense ``[M, H, W]`` masks, kept as
+the reference definition.
+
 Conventions: pixel coordinates as gsplat's (pixel ``(u, v)`` centred at ``(u + 0.5, v + 0.5)``); ``conics`` are
 the upper triangle ``(a, b, c)`` of the inverse 2D covariance, as returned by
 :func:`pepeseg3d_ns.render.project_gaussians`.
@@ -61,9 +68,7 @@ def crosses_mask_boundary(
     m, h, w = masks.shape
     if n == 0 or m == 0:
         return torch.zeros(n, dtype=torch.bool, device=means2d.device)
-    direction, sigma = major_axes(conics)
-    t = torch.linspace(-n_sigma, n_sigma, n_samples, dtype=means2d.dtype, device=means2d.device)
-    pts = means2d[:, None, :] + t[None, :, None] * (sigma[:, None, None] * direction[:, None, :])  # [N, K, 2]
+    pts = _axis_samples(means2d, conics, n_samples, n_sigma)  # [N, K, 2]
     px = torch.floor(pts[..., 0]).long()
     py = torch.floor(pts[..., 1]).long()
     inside_img = (px >= 0) & (px < w) & (py >= 0) & (py < h)
@@ -74,6 +79,52 @@ def crosses_mask_boundary(
         hit = flat_masks[start : start + chunk][:, flat].reshape(-1, n, n_samples)
         crossing |= ((hit & inside_img).any(-1) & (~hit & inside_img).any(-1)).any(0)
     return crossing
+
+
+def _axis_samples(means2d: Tensor, conics: Tensor, n_samples: int, n_sigma: float) -> Tensor:
+    """``[N, n_samples, 2]`` points ``centre + t * sigma_major * direction``, ``t`` uniform in ``[-n_sigma, n_sigma]``."""
+    direction, sigma = major_axes(conics)
+    t = torch.linspace(-n_sigma, n_sigma, n_samples, dtype=means2d.dtype, device=means2d.device)
+    return means2d[:, None, :] + t[None, :, None] * (sigma[:, None, None] * direction[:, None, :])
+
+
+def visible_gaussians(radii: Tensor, depths: Tensor) -> Tensor:
+    """long ``[K]`` indices of the Gaussians drawn in the view: projected radius ``> 0`` and camera depth ``> 0``
+    (in front of the camera). ``radii``, ``depths``: ``[N]`` (gsplat's ``info["radii"][0]``, ``info["depths"][0]``).
+    Reads the count back from the device (refinement steps only)."""
+    return torch.nonzero((radii > 0) & (depths > 0)).flatten()
+
+
+def crosses_set_boundary(
+    means2d: Tensor, conics: Tensor, pixel_set: Tensor, scale: float = 1.0, n_samples: int = 7, n_sigma: float = 3.0
+) -> Tensor:
+    """``bool [K]``: whether the major-axis segment of each Gaussian crosses the boundary of some mask, i.e. its
+    samples inside the image lie in more than one mask set.
+
+    Args:
+        means2d: ``[K, 2]`` pixel coordinates of the centres at the render resolution.
+        conics: ``[K, 3]`` inverse 2D covariances (upper triangle) at the render resolution.
+        pixel_set: ``int [H, W]`` mask-set id of every pixel of the masks (``PixelMasks.pixel_set`` reshaped).
+        scale: mask pixels per render pixel (splatfacto's downscale factor early in training): the samples are
+            looked up at ``scale x`` their render coordinates, so the masks are read at their own resolution.
+        n_samples: points sampled uniformly along ``centre +- n_sigma * sigma_major * direction``.
+
+    Samples falling outside the image are ignored: the image border is not a mask boundary. Cost ``O(K n_samples)``
+    lookups, independent of the number of masks.
+    """
+    k = means2d.shape[0]
+    h, w = pixel_set.shape
+    if k == 0:
+        return torch.zeros(0, dtype=torch.bool, device=means2d.device)
+    pts = _axis_samples(means2d, conics, n_samples, n_sigma) * float(scale)
+    px = torch.floor(pts[..., 0]).long()
+    py = torch.floor(pts[..., 1]).long()
+    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    flat = (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)).reshape(-1)
+    ids = pixel_set.reshape(-1).index_select(0, flat).long().view(k, n_samples)
+    lo = torch.where(inside, ids, torch.full_like(ids, torch.iinfo(torch.int64).max)).min(1).values
+    hi = torch.where(inside, ids, torch.full_like(ids, -1)).max(1).values
+    return (hi >= 0) & (lo != hi)
 
 
 def near_surface(
