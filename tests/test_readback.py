@@ -45,7 +45,7 @@ def test_counter_sees_read_backs_and_allowances():
 def _steps(tmp_path, n_gaussians=300, res=(24, 24)):
     torch.set_num_threads(1)
     model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, n_gaussians), centroid_start=3, centroid_every=10,
-                              cluster_min_size=5, gate_warmup=2)
+                              centroid_lag=0, centroid_worker="inline", cluster_min_size=5, gate_warmup=2)
     opt = sb.make_optimizer(model)
     cam, batch = sb.make_camera(res), sb.make_batch(res, num_masks=12)
     batch = {k: v for k, v in batch.items() if k not in ("sam_masks", "sam_mask_areas")}  # what the datamanager gives
@@ -74,7 +74,7 @@ def test_contrast_steps_read_nothing_back(tmp_path):
         for s in (1, 2):  # gate held (warm-up), then trained
             step(s)
     assert not rb.unallowed, rb.report()
-    step(3)  # the refresh: allowed to read back (HDBSCAN on the host)
+    step(3)  # the refresh (clustered and merged in this step: lag 0): allowed to read back
     assert model.centroids_upper.shape[0] > 0, "the centroid loss must be active in the steps below"
     with ReadbackCounter() as rb:
         for s in (4, 5):
