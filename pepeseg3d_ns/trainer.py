@@ -95,6 +95,12 @@ class PepeTrainer(Trainer):
                 CONSOLE.log(f"Resuming from {resume}: no config.yml beside its folder, so the schedule follows "
                             f"--max-num-iterations {self.config.max_num_iterations} (the run's total length)")
         changed = data_from_recon_run(self.config) or changed
+        from pepeseg3d_ns.paper import apply_paper_settings
+
+        paper = apply_paper_settings(self.config)
+        if paper:
+            changed = True
+            CONSOLE.log("--pipeline.model.paper-exact: the paper's settings: " + ", ".join(paper))
         if getattr(self.config, "scale_schedule", False) and original is None:
             from pepeseg3d_ns.schedule import scale_schedule
 

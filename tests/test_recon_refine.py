@@ -197,3 +197,66 @@ def test_only_visible_gaussians_are_tested():
     radii = torch.tensor([3, 0, 2, 5, 1], dtype=torch.int32)
     depths = torch.tensor([2.0, 2.0, -1.0, 0.5, 0.0])
     assert visible_gaussians(radii, depths).tolist() == [0, 3]
+
+
+def _edge_scene(direction_sign: float = 1.0):
+    """One Gaussian 2 units in front of an identity camera (f = 100 px, 64x64, centre 32), longest axis along world
+    x (std 0.1 -> 5 px); its second row is a small far-away Gaussian that is not split. Pixel sets: 0 left of
+    u = 34.5, 1 right of it (the edge 2.5 px right of the centre)."""
+    import importlib
+
+    R = importlib.import_module("pepeseg3d_ns.render.rasterize")
+    quat = [1.0, 0, 0, 0] if direction_sign > 0 else [0.0, 0, 0, 1.0]  # 180 deg about z flips the local x axis
+    params = torch.nn.ParameterDict({
+        "means": torch.nn.Parameter(torch.tensor([[0.0, 0.0, 2.0], [0.5, 0.5, 4.0]])),
+        "scales": torch.nn.Parameter(torch.log(torch.tensor([[0.1, 0.01, 0.01], [0.01, 0.01, 0.01]]))),
+        "quats": torch.nn.Parameter(torch.tensor([quat, [1.0, 0, 0, 0]])),
+        "opacities": torch.nn.Parameter(torch.logit(torch.tensor([[0.5], [0.5]]))),
+    })
+    viewmat = torch.eye(4)
+    K = torch.tensor([[100.0, 0, 32.0], [0, 100.0, 32.0], [0, 0, 1.0]])
+    _, means2d, _, conics, _ = R.project_gaussians(params["means"].detach(), params["quats"].detach(),
+                                                   params["scales"].detach().exp(), viewmat[None], K[None], 64, 64)
+    pixel_set = torch.zeros(64, 64, dtype=torch.int32)
+    pixel_set[:, 35:] = 1
+    return params, viewmat, K, means2d[0], conics[0], pixel_set
+
+
+@pytest.mark.parametrize("direction_sign", [1.0, -1.0])
+def test_boundary_split_children_sit_on_their_side_of_the_edge(direction_sign):
+    """The paper's [4] rule: the edge 2.5 px right of the centre of a 5 px-sigma Gaussian cuts its 7 axis samples
+    4 | 3 (or 3 | 4 from the other end); each child covers its side, shrunk by its share, and projects there; the
+    two children span exactly the parent's +-3 sigma. The symmetric rule (our default) puts both at +-0.87 sigma
+    whatever the edge."""
+    import importlib
+
+    from pepeseg3d_ns.recon.refine import boundary_fractions, split_at_boundary
+
+    R = importlib.import_module("pepeseg3d_ns.render.rasterize")
+    params, viewmat, K, means2d, conics, pixel_set = _edge_scene(direction_sign)
+    f = boundary_fractions(means2d, conics, pixel_set)
+    assert f[0].item() in (pytest.approx(4 / 7), pytest.approx(3 / 7))
+    optimizers = {k: torch.optim.Adam([p], lr=1e-3) for k, p in params.items()}
+    n = split_at_boundary(params, optimizers, {}, torch.tensor([True, False]), f, means2d, conics, viewmat, K)
+    assert n == 1 and params["means"].shape[0] == 3
+    kids_x = params["means"][1:, 0].detach()
+    kids_sx = params["scales"][1:, 0].detach().exp()
+    # the children's +-3 sigma supports tile the parent's [-0.3, 0.3] with no gap or overlap
+    lo, hi = kids_x - 3 * kids_sx, kids_x + 3 * kids_sx
+    order = torch.argsort(kids_x)
+    assert lo[order[0]].item() == pytest.approx(-0.3, abs=1e-5) and hi[order[1]].item() == pytest.approx(0.3, abs=1e-5)
+    assert hi[order[0]].item() == pytest.approx(lo[order[1]].item(), abs=1e-5)
+    # the cut lies at the edge's sample bin: world x of the boundary is 4/7 of the way from -0.3 (u = 32 + 100 x / 2)
+    assert hi[order[0]].item() == pytest.approx(-0.3 + 0.6 * 4 / 7, abs=1e-5)
+    # each child's centre projects into the pixel set of its side
+    _, m2d, _, _, _ = R.project_gaussians(params["means"][1:].detach(), params["quats"][1:].detach(),
+                                          params["scales"][1:].detach().exp(), viewmat[None], K[None], 64, 64)
+    u = m2d[0, :, 0]
+    assert set(pixel_set[32, u.long()].tolist()) == {0, 1}
+    # the symmetric split, for contrast, ignores where the edge is
+    from pepeseg3d_ns.recon.refine import split_along_major_axis
+
+    p2, *_ = _edge_scene(direction_sign)
+    split_along_major_axis(p2, {k: torch.optim.Adam([p], lr=1e-3) for k, p in p2.items()}, {},
+                           torch.tensor([True, False]))
+    assert sorted(p2["means"][1:, 0].abs().tolist()) == pytest.approx([0.1 * 3 ** 0.5 / 2] * 2, abs=1e-6)

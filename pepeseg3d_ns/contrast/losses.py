@@ -85,12 +85,15 @@ def scale_contrastive_loss(
     valid: Tensor,
     margin: float = 0.0,
     check: bool = True,
+    normalise: str = "weight",
 ) -> Tensor:
     """Scale-aware contrastive loss ``Lm`` (paper eq. 3/8).
 
-    ``Lm = sum_k v_k w_k l_k / sum_k v_k w_k`` with ``v_k = valid[k]``, ``w_k = weight[k]`` and
-    ``l_k = 1 - cos(fi_k, fj_k)`` if ``positive[k]`` else ``relu(cos(fi_k, fj_k) - margin)``.
-    Minimum 0: positives identical in direction, negatives at cosine ``<= margin``.
+    ``Lm = sum_k v_k w_k l_k / Z`` with ``v_k = valid[k]``, ``w_k = weight[k]``,
+    ``l_k = 1 - cos(fi_k, fj_k)`` if ``positive[k]`` else ``relu(cos(fi_k, fj_k) - margin)``, and
+    ``Z = sum_k v_k w_k`` (``normalise="weight"``: a weighted average) or ``Z = sum_k v_k`` (``"mean"``: eq. 8's
+    mean over the valid pairs of the weighted terms). Minimum 0: positives identical in direction, negatives at
+    cosine ``<= margin``.
 
     Args:
         fi, fj: ``float [K, D]`` gated features of the two pixels of each pair (``psi(s_k) * F[p]``).
@@ -100,11 +103,14 @@ def scale_contrastive_loss(
         margin: cosine below which negatives are not pushed further (paper: 0).
         check: verify that the weights of valid pairs are finite and >= 0 (reads a flag back from the device; the
             training step passes False, its weights are built >= 0).
+        normalise: ``"weight"`` or ``"mean"`` (see above).
 
     Returns:
         0-d tensor; ``0`` (graph kept) when no valid pair has positive weight or ``K = 0``.
     """
     _check_pair_feats(fi, fj)
+    if normalise not in ("weight", "mean"):
+        raise ValueError(f"normalise must be 'weight' or 'mean', got {normalise!r}")
     k = fi.shape[0]
     positive = _check_flag(positive, k, "positive").to(fi.device)
     valid = _check_flag(valid, k, "valid").to(fi.device)
@@ -118,7 +124,7 @@ def scale_contrastive_loss(
     if k == 0:
         return _zero(fi, fj)
     w = torch.where(valid, weight, torch.zeros_like(weight))
-    total = w.sum()
+    total = w.sum() if normalise == "weight" else valid.sum().to(w.dtype)
     c = cosine(fi, fj)
     per = torch.where(positive, 1.0 - c, torch.relu(c - margin))
     per = torch.where(valid, per, torch.zeros_like(per))  # keeps NaN of invalid rows out
@@ -169,23 +175,29 @@ def norm_regulariser(F: Tensor, valid: Optional[Tensor] = None) -> Tensor:
     return _masked_mean(per, _check_flag(valid, F.shape[0], "valid").to(F.device))
 
 
-def centroid_pull_loss(feats: Tensor, centroids: Tensor, tau: float = 0.9, valid: Optional[Tensor] = None) -> Tensor:
+def centroid_pull_loss(feats: Tensor, centroids: Tensor, tau: float = 0.9, valid: Optional[Tensor] = None,
+                       normalise: str = "confident") -> Tensor:
     """View-consistent centroid loss ``Lc`` for one centroid set (paper eq. 5).
 
     With ``c*(p) = argmax_c cos(feats_p, c)`` over the (detached) centroids and ``Q = {p : cos(feats_p, c*(p)) > tau}``:
-    ``Lc = mean_{p in Q} (1 - cos(feats_p, c*(p)))``; 0 when there is no centroid or ``Q`` is empty. Pixels
-    with cosine ``<= tau`` to every centroid are ignored (they are not confidently part of any cluster).
+    ``Lc = sum_{p in Q} (1 - cos(feats_p, c*(p))) / Z`` with ``Z = |Q|`` (``normalise="confident"``: the mean over
+    the confident pixels) or ``Z`` = the number of (valid) pixels (``"all"``: eq. 5's mean over all pixels, in
+    which the unconfident ones count 0); 0 when there is no centroid or ``Q`` is empty. Pixels with cosine
+    ``<= tau`` to every centroid contribute nothing (they are not confidently part of any cluster).
     No gradient reaches ``centroids``.
 
     Args:
         feats: ``float [P, D]`` gated features (``s = 1`` for the coarse set ``U``, ``s = 0`` for the fine set ``L``).
         centroids: ``float [C, D]`` (need not be unit norm; only directions matter). ``C`` may be 0.
         tau: confidence threshold on the cosine.
-        valid: optional ``bool [P]``: only these rows can be in ``Q``.
+        valid: optional ``bool [P]``: only these rows can be in ``Q`` (and, with ``"all"``, count in ``Z``).
+        normalise: ``"confident"`` or ``"all"`` (see above).
 
     Returns:
         0-d tensor (graph to ``feats`` kept when 0).
     """
+    if normalise not in ("confident", "all"):
+        raise ValueError(f"normalise must be 'confident' or 'all', got {normalise!r}")
     if not isinstance(feats, Tensor) or feats.dim() != 2 or feats.shape[1] == 0:
         raise ValueError(f"feats must be a [P, D] tensor with D > 0, got shape {tuple(getattr(feats, 'shape', ()))}")
     if not isinstance(centroids, Tensor) or centroids.dim() != 2 or centroids.shape[1] != feats.shape[1]:
@@ -200,6 +212,12 @@ def centroid_pull_loss(feats: Tensor, centroids: Tensor, tau: float = 0.9, valid
     f = feats / feats.norm(dim=-1, keepdim=True).clamp(min=_EPS)
     best = (f @ c.t()).max(dim=1).values  # [P]
     q = best > tau
+    rows = None
     if valid is not None:
-        q = q & _check_flag(valid, feats.shape[0], "valid").to(q.device)
-    return _masked_mean(1.0 - best, q)
+        rows = _check_flag(valid, feats.shape[0], "valid").to(q.device)
+        q = q & rows
+    if normalise == "confident":
+        return _masked_mean(1.0 - best, q)
+    n = rows.sum().to(best.dtype) if rows is not None else torch.tensor(float(best.shape[0]), dtype=best.dtype,
+                                                                         device=best.device)
+    return torch.where(q, 1.0 - best, torch.zeros_like(best)).sum() / n.clamp(min=1.0)

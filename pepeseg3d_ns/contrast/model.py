@@ -137,6 +137,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     mask uniformly, then a pixel in it, so every mask gets about the same number of pixels whatever its area)."""
     mask_balance: float = 0.5
     """With pixel_sampling "mask": share of the pixels drawn mask-first (the rest uniformly); 0 = uniform."""
+    pixel_region: Literal["covered", "image"] = "covered"
+    """Where the step's pixels are drawn: "covered" (inside a mask with a known scale; every term uses them) or
+    "image" (anywhere, the paper's; Lm then pairs only the covered ones, Lp / Lc / L2D use all)."""
     num_pairs: int = 16384
     """Pixel pairs of the scale-aware contrastive loss per step (each with its own uniform scale); 4 per sampled
     pixel, as 4096 for the paper's 1000 pixels."""
@@ -146,6 +149,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """Weight pairs by omega(p) omega(q) (eq. 7, inverse mean mask area, min-max to [1, 10]); False = all 1."""
     lambda_m: float = 1.0
     """[lambda_m] weight of the scale-aware contrastive loss Lm (0 = off)."""
+    lm_normalisation: Literal["weight", "mean"] = "weight"
+    """Lm's denominator: "weight" = the summed pair weight omega(p) omega(q) (a weighted average), "mean" = the
+    number of pairs (eq. 8)."""
     lambda_p: float = 0.2
     """[lambda_p] weight of the perception loss Lp (0 = off)."""
     lambda_c_upper: float = 0.3
@@ -174,6 +180,8 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """[delta] a candidate centroid merges (EMA) into an existing one above this cosine, else it is added."""
     centroid_tau: float = 0.9
     """[tau] a pixel is pulled to its nearest centroid when their cosine exceeds this."""
+    lc_normalisation: Literal["confident", "all"] = "confident"
+    """Lc's denominator: "confident" = the pixels pulled (cosine > tau), "all" = every sampled pixel (eq. 5)."""
     centroid_momentum: float = 0.9
     """EMA momentum of centroid merging."""
     cluster_max_points: int = 5000
@@ -205,6 +213,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """Initial value of the viewer's scale slider (the scale of the feature / segmentation outputs)."""
     export_dir: Path = Path("pepe_selections")
     """Where the viewer's export buttons write selections and masks."""
+    paper_exact: bool = False
+    """Train with every setting of the paper instead of ours (pepeseg3d_ns/paper.py lists them); overrides those
+    fields and the scale gate's learning rate."""
 
     def schedule_for(self, steps: int) -> Dict[str, int]:
         """Step-valued fields for a run of ``steps`` iterations (paper: 10k steps, centroids from 7k every 200;
@@ -421,7 +432,7 @@ class PepeContrastModel(PepeSplatfactoModel):
         mode = self.config.pixel_sampling
         if mode not in ("uniform", "omega", "mask"):
             raise ValueError(f"pixel_sampling must be 'uniform', 'omega' or 'mask', got {mode!r}")
-        weights = set_draw_weights(pm, mask_scales, mode, self.config.mask_balance)
+        weights = set_draw_weights(pm, mask_scales, mode, self.config.mask_balance, region=self.config.pixel_region)
         return draw_pixels(pm, weights, self.config.num_sample_pixels, generator=self._sample_gen)
 
     def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
@@ -469,7 +480,8 @@ class PepeContrastModel(PepeSplatfactoModel):
                 weight = torch.ones_like(s)
             g = self._train_gate(s)
             losses["contrast_loss"] = cfg.lambda_m * L.scale_contrastive_loss(
-                Fp[i] * g, Fp[j] * g, targets["positive"], weight, targets["valid"], check=False)
+                Fp[i] * g, Fp[j] * g, targets["positive"], weight, targets["valid"], check=False,
+                normalise=cfg.lm_normalisation)
             self._last_hard_fraction = targets["hard"].float().mean().detach()  # a tensor: read only when logged
 
         if cfg.lambda_p > 0:
@@ -491,10 +503,12 @@ class PepeContrastModel(PepeSplatfactoModel):
             # the sets' device copies (buffers kept equal to the banks at every refresh and load): no copy per step
             if cfg.lambda_c_upper > 0 and self.centroids_upper.shape[0]:
                 lc = lc + cfg.lambda_c_upper * L.centroid_pull_loss(Fp * g1, self.centroids_upper,
-                                                                    cfg.centroid_tau, valid=ok)
+                                                                    cfg.centroid_tau, valid=ok,
+                                                                    normalise=cfg.lc_normalisation)
             if cfg.lambda_c_lower > 0 and self.centroids_lower.shape[0]:
                 lc = lc + cfg.lambda_c_lower * L.centroid_pull_loss(Fp * g0, self.centroids_lower,
-                                                                    cfg.centroid_tau, valid=ok)
+                                                                    cfg.centroid_tau, valid=ok,
+                                                                    normalise=cfg.lc_normalisation)
             losses["centroid_loss"] = lc
 
         if cfg.lambda_norm > 0:

@@ -20,6 +20,9 @@ class PepeContrastPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: PepeContrastPipeline)
     scales_min_alpha: float = 0.5
     """Pixels whose rendered opacity is below this have no depth when measuring mask sizes."""
+    scales_drop_depth_outliers: bool = True
+    """Leave out each mask's pixels whose rendered depth is over 3 robust std devs from the mask's median before
+    measuring its size (False: all its pixels, the paper's)."""
     segmentation: PropagationConfig = field(default_factory=PropagationConfig)
     """Label-propagation protocol run by ns-eval (threshold, scales tried on the reference view, levels)."""
     eval_segmentation: bool = True
@@ -56,7 +59,8 @@ class PepeContrastPipeline(VanillaPipeline):
         try:
             masks = [d["prior_masks"] for d in dm.cached_train]
             scales = compute_scene_scales(masks, dm.prior_keys, rendered_depth_fn(self, self.config.scales_min_alpha),
-                                          source=source)
+                                          source=source,
+                                          outlier_k=3.0 if self.config.scales_drop_depth_outliers else None)
         finally:
             self.model.train(was_training)
         return scales

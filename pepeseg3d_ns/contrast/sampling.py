@@ -497,8 +497,10 @@ def _omega_from_raw(raw: Tensor, covered: Tensor, w_min: float, w_max: float) ->
 
 
 def set_draw_weights(pm, mask_scales: Tensor, mode: str = "mask", mix: float = 0.5,
-                     w_min: float = 1.0, w_max: float = 10.0) -> Tensor:
-    """float64 ``[C]``: the draw weight of *each pixel* of set ``c`` (0 for pixels in no usable mask).
+                     w_min: float = 1.0, w_max: float = 10.0, region: str = "covered") -> Tensor:
+    """float64 ``[C]``: the draw weight of *each pixel* of set ``c``.
+
+    ``region="covered"``: only pixels in a usable mask (known scale) can be drawn (0 elsewhere):
 
     * ``"uniform"``: 1 on covered pixels;
     * ``"omega"``: ``omega(p)`` of eq. 7 normalised over the image's covered pixels (what :func:`pixel_weights`
@@ -506,21 +508,29 @@ def set_draw_weights(pm, mask_scales: Tensor, mode: str = "mask", mix: float = 0
     * ``"mask"``: the probability of :func:`mask_balanced_probabilities`,
       ``(1 - mix) / n_covered + mix / M' * sum_{m in c} 1 / area(m)``.
 
+    ``region="image"``: every pixel can be drawn (the paper's draw, whose Lm then uses the covered ones only):
+    ``"uniform"`` is 1 everywhere, ``"omega"`` gives uncovered pixels ``w_min``, ``"mask"`` spreads its uniform
+    share ``1 - mix`` over all ``H W`` pixels.
+
     Args:
         pm: :class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`; mask_scales: ``float [M]`` (NaN = unknown).
     """
+    if region not in ("covered", "image"):
+        raise ValueError(f"pixel region must be 'covered' or 'image', got {region!r}")
     count, area_sum, inv = _set_terms(pm, mask_scales)
     covered = count > 0
+    everywhere = region == "image"
     if mode == "uniform":
-        return covered.double()
+        return torch.ones_like(covered, dtype=torch.float64) if everywhere else covered.double()
     if mode == "omega":
         raw = count.double() / area_sum.clamp(min=1)
-        return _omega_from_raw(raw, covered, w_min, w_max).double()
+        w = _omega_from_raw(raw, covered, w_min, w_max).double()
+        return torch.where(covered, w, torch.full_like(w, float(w_min))) if everywhere else w
     if mode == "mask":
-        n_cov = (covered.long() * pm.set_area).sum().clamp(min=1).double()
+        n_base = (pm.set_area.sum() if everywhere else (covered.long() * pm.set_area).sum()).clamp(min=1).double()
         m_used = _usable(pm, mask_scales).sum().clamp(min=1).double()
-        w = (1.0 - mix) / n_cov + mix * inv / m_used
-        return torch.where(covered, w, torch.zeros_like(w))
+        w = (1.0 - mix) / n_base + mix * torch.where(covered, inv, torch.zeros_like(inv)) / m_used
+        return w if everywhere else torch.where(covered, w, torch.zeros_like(w))
     raise ValueError(f"pixel sampling mode must be 'uniform', 'omega' or 'mask', got {mode!r}")
 
 

@@ -250,7 +250,7 @@ def _canonical(obj):
 
 
 def compute_scene_scales(masks: Sequence, keys: Sequence[str], depth_fn, source: Optional[Dict] = None,
-                         progress: bool = True) -> SceneScales:
+                         progress: bool = True, outlier_k: Optional[float] = 3.0) -> SceneScales:
     """Sizes of every mask of every training view and the scene's :class:`ScaleMap`.
 
     Args:
@@ -261,6 +261,7 @@ def compute_scene_scales(masks: Sequence, keys: Sequence[str], depth_fn, source:
             view ``i`` (rendered expected depth), its pinhole intrinsics, and which pixels have depth. Masks are
             resized to the depth's resolution when they differ (nearest).
         source: what produced the depth, stored with the result.
+        outlier_k: :func:`mask_sizes`' depth-outlier rule (``None``: every pixel of the mask counts, the paper's).
     """
     from tqdm import tqdm
 
@@ -273,9 +274,10 @@ def compute_scene_scales(masks: Sequence, keys: Sequence[str], depth_fn, source:
         if ms.shape != tuple(depth.shape):
             ms = ms.resized(*depth.shape)
         dense = ms.to_torch(depth.device)
-        sizes.append(mask_sizes(dense, depth.double(), K.double(), valid).cpu().numpy().astype(np.float64))
+        sizes.append(mask_sizes(dense, depth.double(), K.double(), valid, outlier_k=outlier_k)
+                     .cpu().numpy().astype(np.float64))
     all_sizes = np.concatenate(sizes) if sizes else np.zeros(0)
-    source = {**dict(source or {}), "size_estimator": SIZE_ESTIMATOR}
+    source = {**dict(source or {}), "size_estimator": SIZE_ESTIMATOR if outlier_k is not None else "std-all-pixels-v1"}
     return SceneScales(keys=list(keys), sizes=sizes, scale_map=ScaleMap.fit(all_sizes), source=source)
 
 

@@ -195,6 +195,7 @@ class PepeSplatfactoModel(SplatfactoModel):
         camera.rescale_output_resolution(scale)
         self.last_size = (H, W)
         viewmats = viewmat_from_c2w(c2w.to(self.device))
+        self._last_view = (viewmats[0].detach(), Ks[0])  # for the boundary split (step_post_backward)
 
         if self.config.rasterize_mode not in ("antialiased", "classic"):
             raise ValueError(f"Unknown rasterize_mode: {self.config.rasterize_mode}")
@@ -285,8 +286,12 @@ class PepeReconModelConfig(PepeSplatfactoModelConfig):
     rendered surface, split."""
     refine_max_growth: float = 1.0
     """Refinement adds at most this fraction of the Gaussians present when it starts, spread evenly over its
-    steps. Without a cap the rule compounds (children straddle the same edges and split again): on the 2000-step
-    demo, whose window opens on coarse geometry, 6k Gaussians became 366k within 80 steps."""
+    steps (inf = no cap, the paper's)."""
+    refine_split: Literal["symmetric", "boundary"] = "symmetric"
+    """How a boundary Gaussian splits along its longest axis: "symmetric" (two children keeping its mean and
+    covariance) or "boundary" (each child covers its side of the mask edge, shrunk and shifted; the paper's [4])."""
+    paper_exact: bool = False
+    """Train with every setting of the paper instead of ours (pepeseg3d_ns/paper.py lists them)."""
 
 
 class PepeReconModel(PepeSplatfactoModel):
@@ -351,8 +356,8 @@ class PepeReconModel(PepeSplatfactoModel):
         inputs = getattr(self, "_refine_inputs", None)
         if inputs is None or not self._refining(step):
             return
-        from pepeseg3d_ns.recon.refine import (crosses_set_boundary, near_surface, split_along_major_axis,
-                                               visible_gaussians)
+        from pepeseg3d_ns.recon.refine import (boundary_fractions, crosses_set_boundary, near_surface,
+                                               split_along_major_axis, split_at_boundary, visible_gaussians)
 
         pm, depth, factor = inputs
         info = self.info
@@ -365,7 +370,8 @@ class PepeReconModel(PepeSplatfactoModel):
         window = max(1, int(cfg.refine_views_factor * self.num_train_data))
         if getattr(self, "_refine_n0", None) is None or step == cfg.refine_start:
             self._refine_n0 = n
-        budget = int(math.ceil(cfg.refine_max_growth * self._refine_n0 / window))
+        budget = (None if not math.isfinite(cfg.refine_max_growth)
+                  else int(math.ceil(cfg.refine_max_growth * self._refine_n0 / window)))
         # the boundary test runs on the Gaussians drawn in this view only; the masks are read at their own
         # resolution (render coordinates x the downscale factor)
         vis = visible_gaussians(radii, depths)
@@ -374,6 +380,15 @@ class PepeReconModel(PepeSplatfactoModel):
         crossing[vis] = crosses_set_boundary(means2d[vis], conics[vis], pixel_set, scale=factor)
         split = near_surface(depths, means2d, radii, depth, cfg.refine_close_fraction, candidates=crossing,
                              max_count=budget)
-        self._last_splits = split_along_major_axis(self.gauss_params, self.optimizers, self.strategy_state, split)
+        if cfg.refine_split == "boundary":
+            fraction = torch.zeros(n, dtype=means2d.dtype, device=means2d.device)
+            fraction[split] = boundary_fractions(means2d[split], conics[split], pixel_set, scale=factor)
+            viewmat, K = self._last_view
+            self._last_splits = split_at_boundary(self.gauss_params, self.optimizers, self.strategy_state, split,
+                                                  fraction, means2d, conics, viewmat, K)
+        elif cfg.refine_split == "symmetric":
+            self._last_splits = split_along_major_axis(self.gauss_params, self.optimizers, self.strategy_state, split)
+        else:
+            raise ValueError(f"refine_split must be 'symmetric' or 'boundary', got {cfg.refine_split!r}")
         self._total_splits = getattr(self, "_total_splits", 0) + self._last_splits
         self._refine_inputs = None

@@ -17,7 +17,10 @@ Conventions: pixel coordinates as gsplat's (pixel ``(u, v)`` centred at ``(u + 0
 the upper triangle ``(a, b, c)`` of the inverse 2D covariance, as returned by
 :func:`pepeseg3d_ns.render.project_gaussians`.
 
-The split itself and its integration with splatfacto's densification are still to come (pepe-recon issue).
+Two split rules (``--pipeline.model.refine-split``): :func:`split_along_major_axis` ("symmetric", ours: two
+children that keep the parent's mean and covariance) and :func:`split_at_boundary` ("boundary", the rule of the
+paper's reference [4]: each child covers the part of the parent's axis on its side of the mask edge, shrunk by
+that part's share and shifted to its middle).
 """
 
 from __future__ import annotations
@@ -169,42 +172,100 @@ CHILD_OFFSET = 0.5 * 3.0**0.5  # children at +-(sqrt(3)/2) sigma with half the s
 
 
 @torch.no_grad()
-def split_along_major_axis(params, optimizers: dict, state: dict, mask: Tensor) -> int:
-    """Split the Gaussians in ``mask`` in place, each into two children along its longest 3D axis.
+def boundary_fractions(
+    means2d: Tensor, conics: Tensor, pixel_set: Tensor, scale: float = 1.0, n_samples: int = 7, n_sigma: float = 3.0
+) -> Tensor:
+    """``float [K]`` in ``(0, 1)``: where the mask edge cuts each Gaussian's major-axis segment, as the share of the
+    segment (from its ``t = -n_sigma`` end, see :func:`_axis_samples`) that lies in the mask set of its first
+    sample inside the image before the set first changes. Each of the ``n_samples`` samples stands for an equal
+    piece of the segment; the result is clamped to ``[1, n_samples - 1] / n_samples``. Arguments as
+    :func:`crosses_set_boundary` (same samples, same lookups)."""
+    k = means2d.shape[0]
+    if k == 0:
+        return torch.zeros(0, dtype=means2d.dtype, device=means2d.device)
+    h, w = pixel_set.shape
+    pts = _axis_samples(means2d, conics, n_samples, n_sigma) * float(scale)
+    px = torch.floor(pts[..., 0]).long()
+    py = torch.floor(pts[..., 1]).long()
+    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    flat = (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)).reshape(-1)
+    ids = pixel_set.reshape(-1).index_select(0, flat).long().view(k, n_samples)
+    first_in = torch.argmax(inside.to(torch.int8), dim=1)  # first sample inside the image
+    first_id = ids.gather(1, first_in[:, None])
+    # samples outside the image continue the current run (the border is not a mask edge)
+    same = (ids == first_id) | ~inside
+    run = torch.cumprod(same.to(torch.int64), dim=1).sum(1)
+    f = run.to(means2d.dtype) / n_samples
+    return f.clamp(1.0 / n_samples, (n_samples - 1.0) / n_samples)
 
-    Children sit at ``mean +- (sqrt(3)/2) * s * axis`` with the std dev along that axis halved (``s / 2``), the
-    other axes, rotation, colour and opacity unchanged. The pair then has the parent's mean and covariance.
-    Parameters are log-scales and (w, x, y, z) quaternions, as in splatfacto's ``gauss_params``. The longest 3D
-    axis is the one that usually projects to the 2D major axis that triggered the split; choosing per view is
-    a possible refinement.
 
-    ``params`` (a ParameterDict of ``[N, ...]`` tensors), the per-parameter ``optimizers`` (Adam moments) and the
-    strategy's running ``state`` tensors are re-indexed the way gsplat's ``ops.split`` does: the kept Gaussians
-    first, then the children. New moments are zero. Returns the number of Gaussians split.
+@torch.no_grad()
+def split_at_boundary(params, optimizers: dict, state: dict, mask: Tensor, fraction: Tensor, means2d: Tensor,
+                      conics: Tensor, viewmat: Tensor, K: Tensor, n_sigma: float = 3.0) -> int:
+    """Split the Gaussians in ``mask`` in place at the mask edge (the rule of the paper's reference [4]).
+
+    The edge cuts the parent's ``+- n_sigma`` extent along its longest 3D axis at share ``f`` (``fraction``, from
+    :func:`boundary_fractions`, measured along the 2D major axis from its ``t = -n_sigma`` end). Child A covers
+    ``[-n_sigma, -n_sigma + 2 n_sigma f]`` (in parent standard deviations ``sigma`` along that axis): centre at its
+    middle, std ``f sigma``; child B the rest, centre at its middle, std ``(1 - f) sigma``. Other axes, rotation,
+    colour and opacity are the parent's. Which end of the 3D axis is ``t = -n_sigma`` is read from the projection
+    of the axis into the view (its sign against the 2D major axis).
+
+    Args:
+        params, optimizers, state: as :func:`split_along_major_axis` (same re-indexing).
+        mask: ``bool [N]``; fraction: ``float [N]`` (used where ``mask``).
+        means2d, conics: ``[N, 2]``, ``[N, 3]`` projection of every Gaussian in this view (render pixels).
+        viewmat: ``[4, 4]`` OpenCV world-to-camera; K: ``[3, 3]`` intrinsics at the render resolution.
+    Returns the number of Gaussians split.
     """
-    from gsplat.strategy.ops import _update_param_with_optimizer
-
     from pepeseg3d_ns.render.rasterize import quat_to_rotmat
 
     sel = torch.where(mask)[0]
-    rest = torch.where(~mask)[0]
     if sel.numel() == 0:
         return 0
-    log_scales = params["scales"][sel]
-    axis = log_scales.argmax(dim=-1)  # [S]
-    rot = quat_to_rotmat(params["quats"][sel])  # [S, 3, 3], columns = local axes in world
+    log_scales = params["scales"][sel].detach()
+    axis = log_scales.argmax(dim=-1)
     ar = torch.arange(sel.numel(), device=sel.device)
-    direction = rot[ar, :, axis]  # [S, 3]
-    sigma = log_scales[ar, axis].exp()  # [S]
-    offset = (CHILD_OFFSET * sigma)[:, None] * direction
-    child_scales = log_scales.clone()
-    child_scales[ar, axis] -= torch.log(torch.tensor(2.0, dtype=log_scales.dtype, device=log_scales.device))
+    direction = quat_to_rotmat(params["quats"][sel].detach())[ar, :, axis]  # [S, 3] world
+    sigma = log_scales[ar, axis].exp()
+    mean = params["means"][sel].detach()
+    # the 3D axis's image direction: camera-space derivative of the pinhole projection along it
+    R, t = viewmat[:3, :3].to(mean), viewmat[:3, 3].to(mean)
+    pc = mean @ R.T + t
+    dc = direction @ R.T
+    z = pc[:, 2:3].clamp(min=1e-6)
+    fxy = torch.stack([K[0, 0], K[1, 1]]).to(mean)
+    d2 = fxy * (dc[:, :2] * z - pc[:, :2] * dc[:, 2:3]) / (z * z)
+    e2, _ = major_axes(conics[sel].detach().to(mean))
+    sign = torch.where((d2 * e2).sum(-1) >= 0, 1.0, -1.0).to(mean)
+    d = direction * sign[:, None]  # now t = -n_sigma is the -d end
+    f = fraction[sel].to(mean)
+    centre_a = (-n_sigma + n_sigma * f) * sigma
+    centre_b = (n_sigma * f) * sigma
+    scales_a, scales_b = log_scales.clone(), log_scales.clone()
+    scales_a[ar, axis] += torch.log(f)
+    scales_b[ar, axis] += torch.log1p(-f)
+    children_means = torch.cat([mean + centre_a[:, None] * d, mean + centre_b[:, None] * d])
+    return _replace_with_children(params, optimizers, state, mask, children_means,
+                                  torch.cat([scales_a, scales_b]))
+
+
+@torch.no_grad()
+def _replace_with_children(params, optimizers: dict, state: dict, mask: Tensor, child_means: Tensor,
+                           child_scales: Tensor) -> int:
+    """Replace the Gaussians in ``mask`` (``S`` of them) by ``2 S`` children with the given means and log-scales
+    (first children of all, then second children), other parameters copied; re-index optimizers and state the way
+    gsplat's ``ops.split`` does (kept Gaussians first, then the children; new moments zero)."""
+    from gsplat.strategy.ops import _update_param_with_optimizer
+
+    sel = torch.where(mask)[0]
+    rest = torch.where(~mask)[0]
 
     def param_fn(name: str, p: Tensor) -> Tensor:
         if name == "means":
-            children = torch.cat([p[sel] + offset, p[sel] - offset])
+            children = child_means.to(p)
         elif name == "scales":
-            children = torch.cat([child_scales, child_scales])
+            children = child_scales.to(p)
         else:
             children = torch.cat([p[sel], p[sel]])
         return torch.nn.Parameter(torch.cat([p[rest], children]))
@@ -221,3 +282,36 @@ def split_along_major_axis(params, optimizers: dict, state: dict, mask: Tensor) 
         if isinstance(v, Tensor) and v.shape[:1] == mask.shape:
             state[k] = torch.cat([v[rest], v[sel], v[sel]])
     return int(sel.numel())
+
+
+@torch.no_grad()
+def split_along_major_axis(params, optimizers: dict, state: dict, mask: Tensor) -> int:
+    """Split the Gaussians in ``mask`` in place, each into two children along its longest 3D axis.
+
+    Children sit at ``mean +- (sqrt(3)/2) * s * axis`` with the std dev along that axis halved (``s / 2``), the
+    other axes, rotation, colour and opacity unchanged. The pair then has the parent's mean and covariance.
+    Parameters are log-scales and (w, x, y, z) quaternions, as in splatfacto's ``gauss_params``. The longest 3D
+    axis is the one that usually projects to the 2D major axis that triggered the split; choosing per view is
+    a possible refinement.
+
+    ``params`` (a ParameterDict of ``[N, ...]`` tensors), the per-parameter ``optimizers`` (Adam moments) and the
+    strategy's running ``state`` tensors are re-indexed the way gsplat's ``ops.split`` does: the kept Gaussians
+    first, then the children. New moments are zero. Returns the number of Gaussians split.
+    """
+    from pepeseg3d_ns.render.rasterize import quat_to_rotmat
+
+    sel = torch.where(mask)[0]
+    if sel.numel() == 0:
+        return 0
+    log_scales = params["scales"][sel].detach()
+    axis = log_scales.argmax(dim=-1)  # [S]
+    rot = quat_to_rotmat(params["quats"][sel].detach())  # [S, 3, 3], columns = local axes in world
+    ar = torch.arange(sel.numel(), device=sel.device)
+    direction = rot[ar, :, axis]  # [S, 3]
+    sigma = log_scales[ar, axis].exp()  # [S]
+    offset = (CHILD_OFFSET * sigma)[:, None] * direction
+    child_scales = log_scales.clone()
+    child_scales[ar, axis] -= torch.log(torch.tensor(2.0, dtype=log_scales.dtype, device=log_scales.device))
+    mean = params["means"][sel].detach()
+    return _replace_with_children(params, optimizers, state, mask, torch.cat([mean + offset, mean - offset]),
+                                  torch.cat([child_scales, child_scales]))
