@@ -63,8 +63,7 @@ ROWS: Dict[str, RowSpec] = {
     "recon": RowSpec("+ PePE reconstruction", "pepe", {"lambda_p": 0.0, **NO_LC}),
     "perception": RowSpec("+ perception loss", "pepe", dict(NO_LC)),
     "full": RowSpec("+ consistency (full)", "pepe", {}),
-    # issue 17 item 2: one option restores every paper setting on both methods; until the models have it, asking
-    # for this row stops with a message naming the missing option
+    # every setting of the paper on both stages (pepeseg3d_ns/paper.py)
     "paper-exact": RowSpec("paper-exact", "paper-exact", {"paper_exact": True}),
 }
 """Row id -> :class:`RowSpec`. Add a row here (its id becomes a ``--rows`` choice)."""
