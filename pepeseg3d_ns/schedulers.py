@@ -19,7 +19,7 @@ from nerfstudio.engine.schedulers import ExponentialDecayScheduler, ExponentialD
 
 @dataclass
 class FloatExponentialDecaySchedulerConfig(ExponentialDecaySchedulerConfig):
-    """nerfstudio's exponential decay with warm-up; checkpoint-safe under ``torch.load(weights_only=True)``."""
+    """nerfstudio's exponential decay with warm-up, whose state a weights-only checkpoint can hold."""
 
     _target: Type = field(default_factory=lambda: FloatExponentialDecayScheduler)
 

@@ -114,7 +114,47 @@ def load_recon_geometry(path: Union[str, Path]) -> Tuple[Dict[str, Tensor], Path
     return geometry, ckpt, int(state.get("step", -1))
 
 
+STAGE1_ONLY_FIELDS = (
+    "warmup_length", "refine_every", "resolution_schedule", "cull_alpha_thresh", "cull_scale_thresh",
+    "reset_alpha_every", "densify_grad_thresh", "use_absgrad", "densify_size_thresh", "n_split_samples",
+    "sh_degree_interval", "cull_screen_size", "split_screen_size", "stop_screen_size_at", "random_init", "num_random",
+    "random_scale", "ssim_lambda", "stop_split_at", "sh_degree", "use_scale_regularization", "max_gauss_ratio",
+    "output_depth_during_training", "camera_optimizer", "use_bilateral_grid", "grid_shape", "enable_collider",
+    "collider_params", "loss_coefficients", "eval_num_rays_per_chunk",
+)
+"""Splatfacto fields that do nothing on pepe-contrast's frozen geometry (densification, culling, the SH schedule,
+the photometric loss, camera optimisation, ray-based options): kept with splatfacto's defaults, hidden from
+``ns-train pepe-contrast --help`` and the command line."""
+
+
+def _hide_inherited(*names: str):
+    """Class decorator (applied before ``@dataclass``): re-declare the inherited dataclass fields ``names`` with
+    the same default, annotated ``tyro.conf.Suppress`` so tyro neither lists nor parses them."""
+    import dataclasses
+    import typing
+
+    import tyro
+
+    def deco(cls):
+        base = cls.__mro__[1]
+        hints = typing.get_type_hints(base)
+        fields = {f.name: f for f in dataclasses.fields(base)}
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name in names:
+            f = fields[name]
+            annotations[name] = tyro.conf.Suppress[hints[name]]
+            if f.default is not dataclasses.MISSING:
+                setattr(cls, name, dataclasses.field(default=f.default))
+            else:
+                setattr(cls, name, dataclasses.field(default_factory=f.default_factory))
+        cls.__annotations__ = annotations
+        return cls
+
+    return deco
+
+
 @dataclass
+@_hide_inherited(*STAGE1_ONLY_FIELDS)
 class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """PePESeg3D stage 2 (see the module docstring). Paper symbols in brackets."""
 
@@ -128,21 +168,18 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     knn_k: int = 16
     """3D feature smoothing: each Gaussian's feature averaged with this many nearest neighbours (0 = off)."""
     num_sample_pixels: int = 4000
-    """Pixels sampled per step (among those inside a SAM mask with a known scale). Paper: 1000. A step's cost is
-    the render, so 4x the pixels costs little (measured on the 128 px demo: same wall time, objects 0.76 -> 0.81)."""
+    """Pixels sampled per step (paper: 1000), drawn as pixel_sampling and pixel_region say."""
     pixel_sampling: Literal["uniform", "omega", "mask"] = "mask"
-    """How the pixels of a step are drawn among the covered ones (default "mask", our addition; the paper draws
-    them "uniform"ly): "uniform"; "omega" (probability proportional to the pixel weight omega(p) of eq. 7, so pixels
-    of small masks are drawn up to 10x more often); "mask" (mask-balanced: a share mask_balance of the draws picks a
-    mask uniformly, then a pixel in it, so every mask gets about the same number of pixels whatever its area)."""
+    """How the step's pixels are drawn: "uniform" (the paper's), "omega" (probability proportional to the pixel
+    weight omega(p) of eq. 7) or "mask" (mask-balanced: a share mask_balance of the draws picks a mask uniformly,
+    then a pixel in it)."""
     mask_balance: float = 0.5
     """With pixel_sampling "mask": share of the pixels drawn mask-first (the rest uniformly); 0 = uniform."""
     pixel_region: Literal["covered", "image"] = "covered"
     """Where the step's pixels are drawn: "covered" (inside a mask with a known scale; every term uses them) or
     "image" (anywhere, the paper's; Lm then pairs only the covered ones, Lp / Lc / L2D use all)."""
     num_pairs: int = 16384
-    """Pixel pairs of the scale-aware contrastive loss per step (each with its own uniform scale); 4 per sampled
-    pixel, as 4096 for the paper's 1000 pixels."""
+    """Pixel pairs of Lm per step, each with its own uniform scale s (paper: 4096)."""
     hard_pair_fraction: float = 0.25
     """Share of the pairs reserved for hard pairs (same active label, no common finer mask); 0 = uniform only."""
     pixel_weighting: bool = True
@@ -189,24 +226,17 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     cluster_min_size: int = 25
     """HDBSCAN min_cluster_size (pixels of the subsample)."""
     gate_init: Literal["hinge", "nested", "band"] = "band"
-    """Initial scale gate psi (default "band", our addition; docs/contrast.md): "hinge" (about 0.5 on every
-    channel, mildly different per scale), "nested" (channel c open below its own knot t_c, spread over (0, 1.1]:
-    the finer the scale, the more channels) or "band" (channel c open in a band of scales around its own centre:
-    each scale has its own channels)."""
+    """Initial scale gate psi: "hinge" (about 0.5 on every channel, the paper's), "nested" (channel c open below its
+    own scale t_c) or "band" (channel c open in a band of scales around t_c)."""
     scale_power: float = 0.5
-    """The gate's scale axis: a mask whose quantile scale (priors/scales.py) is q trains at s = q ** scale_power, and
-    the viewer slider, ns-eval and the decomposition query the gate at that s. 1 = the quantile scale itself (the
-    paper's); 0.5 (default, our addition) gives the finest masks more of [0, 1]: the 7 % of masks below q = 0.07,
-    which alone separate small sibling objects, get s < 0.26. Measured on the demo: objects 0.809 (1.0) -> 0.904
-    (0.5); whole objects sit at s of about 0.7-1 instead of 0.5-1 (docs/contrast.md)."""
+    """The gate's scale axis: a mask of quantile scale q (priors/scales.py) trains at s = q ** scale_power, and the
+    viewer slider, ns-eval and the decomposition query the gate at that s; 1 = s = q (the paper's)."""
     gate_band_half_width: float = 0.1
     """With gate_init "band": half width w of each channel's band of scales (channel c starts open within about
     2w of its centre and shut 3w away from it)."""
     gate_warmup: int = 3000
-    """Steps during which the scale gate psi is held at its initial value (its output is detached) while the
-    features organise; 0 = trained from the first step as in the paper (scaled with --max-num-iterations,
-    reference 10k). Our addition: trained from step 0, the gate shuts most channels at every scale before the
-    features carry any structure, and the fine levels are lost (docs/contrast.md)."""
+    """Steps during which the scale gate psi is held at its initial value while the features organise (0 = trained
+    from the first step, the paper's; scaled with --max-num-iterations, reference 10k)."""
     num_downscales: int = 0
     """Features are learned at full image resolution."""
     viewer_scale: float = 0.5
