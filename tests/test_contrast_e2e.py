@@ -25,7 +25,7 @@ MIOU_MARGIN = {"parts": 0.0, "objects": 0.0, "groups": 0.0}
 def runs(tmp_path_factory):
     from nerfstudio.scripts.train import train_loop
 
-    from pepeseg3d_ns.demo import make_config, make_contrast_config
+    from pepeseg3d_ns.recipes import make_config, make_contrast_config
     from pepeseg3d_ns.priors.cli import Priors
 
     scene = tmp_path_factory.mktemp("scene") / "tabletop"
