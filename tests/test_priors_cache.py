@@ -543,7 +543,7 @@ def test_priors_command_names_the_dataparser_arguments():
 
     from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
     from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
-    from pepeseg3d_ns.priors.cli import priors_command
+    from pepeseg3d_ns.priors.command_line import priors_command
 
     cfg = PepeDatamanagerConfig(data=Path("P"), dataparser=PepeDataParserConfig())
     assert priors_command(cfg) == "pepeseg3d priors --data P"
