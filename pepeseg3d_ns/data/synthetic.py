@@ -1082,18 +1082,13 @@ def _load_png16(path: Path) -> np.ndarray:
 
 
 def _write_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray) -> None:
-    n = len(xyz)
-    rec = np.zeros(n, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
-    rec["x"], rec["y"], rec["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-    rec["red"], rec["green"], rec["blue"] = rgb[:, 0], rgb[:, 1], rgb[:, 2]
-    header = (
-        "ply\nformat binary_little_endian 1.0\ncomment pepeseg3d synthetic SfM-like points\n"
-        f"element vertex {n}\nproperty float x\nproperty float y\nproperty float z\n"
-        "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
-    )
-    with open(path, "wb") as f:
-        f.write(header.encode("ascii"))
-        f.write(rec.tobytes())
+    """``sparse_pc.ply``: ``x y z`` float32, ``red green blue`` uint8 (what nerfstudio's dataparser reads)."""
+    from pepeseg3d_ns.plyio import write_vertex_ply
+
+    xyz, rgb = np.asarray(xyz, np.float32), np.asarray(rgb, np.uint8)
+    write_vertex_ply(path, {"x": xyz[:, 0], "y": xyz[:, 1], "z": xyz[:, 2],
+                            "red": rgb[:, 0], "green": rgb[:, 1], "blue": rgb[:, 2]},
+                     comments=["pepeseg3d synthetic SfM-like points"])
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
