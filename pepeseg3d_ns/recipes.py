@@ -115,7 +115,7 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 
 def evaluate_run(config_path: Path, picture: Optional[Path] = None, n_views: int = 3) -> Dict[str, float]:
     """Load a finished run like ``ns-eval`` does, average PSNR/SSIM over every held-out view, and optionally save
-    a picture: one row per held-out view with ground truth | render | rendered depth."""
+    a labelled picture: one row per held-out view with ground truth | render | rendered depth."""
     from pepeseg3d_ns.runs import eval_setup
 
     from pepeseg3d_ns.data.preview import colorize_depth, save_grid
@@ -135,7 +135,8 @@ def evaluate_run(config_path: Path, picture: Optional[Path] = None, n_views: int
                 gt = gt.float() / 255.0 if gt.dtype == torch.uint8 else gt
                 rows.append(np.concatenate([_to_uint8(gt[..., :3]), _to_uint8(outputs["rgb"]), colorize_depth(outputs["depth"][..., 0].cpu().numpy())], axis=1))
     if picture is not None and rows:
-        save_grid(rows, picture)
+        save_grid(rows, picture, title=f"pepe-recon at step {int(step)}, held-out views (one per row)",
+                  columns=["ground truth", "render", "rendered depth (yellow = near)"])
     return {
         "psnr": float(np.mean(psnrs)),
         "ssim": float(np.mean(ssims)),

@@ -80,11 +80,18 @@ def test_ns_train_help_lists_method():
     assert "pepe-recon" in out.stdout
 
 
-def test_short_training_run_converges_and_reloads(trained_run):
+def test_short_training_run_converges_and_reloads(trained_run, tmp_path):
     """The checkpoint loads through nerfstudio's own eval_setup (torch.load with the weights_only default)."""
+    from PIL import Image
+
     from pepeseg3d_ns.recipes import evaluate_run
 
-    report = evaluate_run(trained_run)
+    report = evaluate_run(trained_run, picture=tmp_path / "demo_comparison.png")
+    # the picture: one row per held-out view (at most 3), ground truth | render | depth, under a white label band
+    pic = np.asarray(Image.open(tmp_path / "demo_comparison.png").convert("RGB"))
+    assert pic.shape[1] == 3 * 48  # the tiny scene is 48 px
+    band_h = pic.shape[0] - min(3, report["n_eval_views"]) * 48
+    assert band_h > 10 and (pic[:band_h] == 255).all(-1).mean() > 0.5 and (pic[:band_h] < 100).all(-1).any()
     assert report["step"] == 299
     assert report["num_gaussians"] > 500
     flat = flat_colour_psnr(trained_run)
