@@ -18,8 +18,8 @@ from typing_extensions import Annotated
 
 import tyro
 
-from pepeseg3d_ns.contrast.data_bench import BenchStep
-from pepeseg3d_ns.contrast.step_bench import BenchContrast
+from pepeseg3d_ns.benchmarks.contrast_data import BenchStep
+from pepeseg3d_ns.benchmarks.contrast_step import BenchContrast
 from pepeseg3d_ns.errors import UserError, check_all, check_count, check_file, check_number, check_threshold
 from pepeseg3d_ns.eval.benchmark import ROWS, SUITE_SCENES, BenchmarkSettings
 from pepeseg3d_ns.priors.cli import Priors
@@ -235,7 +235,7 @@ class BenchRender:
     """Also write the table as markdown here."""
 
     def main(self) -> None:
-        from pepeseg3d_ns.render.bench import run_render_benchmark
+        from pepeseg3d_ns.benchmarks.render import run_render_benchmark
 
         check_all("--gaussians", self.gaussians, check_count)
         check_all("--resolutions", self.resolutions, check_count)
@@ -262,7 +262,7 @@ class BenchPriors:
     """Also write the table as markdown here."""
 
     def main(self) -> None:
-        from pepeseg3d_ns.priors.bench import run_priors_benchmark
+        from pepeseg3d_ns.benchmarks.priors import run_priors_benchmark
 
         check_count("--repeats", self.repeats)
         check_count("--points-per-side", self.points_per_side)

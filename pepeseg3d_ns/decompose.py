@@ -116,6 +116,8 @@ def run_decompose(load_config: Path, scales: Sequence[float] = (0.1, 0.5, 0.9), 
             rows[r].append(img)
         summary["scales"][f"{s:g}"] = int(dec.centroids.shape[0])
     sheet = output_dir / "contact_sheet.png"
-    save_grid([np.concatenate(r, axis=1) for r in rows], sheet, scale=2)
+    columns = ["render"] + [f"s = {s:g}: {summary['scales'][f'{s:g}']} clusters" for s in scales]
+    save_grid([np.concatenate(r, axis=1) for r in rows], sheet, scale=2, columns=columns,
+              title=f"automatic decomposition (HDBSCAN on rendered features at scale s), {split} views: {', '.join(names)}")
     summary["contact_sheet"] = str(sheet)
     return summary

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pepeseg3d_ns.errors import UserError
+from pepeseg3d_ns.plyio import write_vertex_ply
 
 
 class EmptySelectionError(UserError):
@@ -38,8 +39,6 @@ def write_splat_ply(path: Path, gauss_params: Dict[str, Tensor], selection: Opti
     restricted to ``selection`` (``bool [N]`` or indices; None = all), as a binary little-endian 3DGS PLY.
     Gaussians with a non-finite parameter are dropped. Returns the number written; :class:`EmptySelectionError`
     (and no file) when that number would be 0."""
-    from plyfile import PlyData, PlyElement
-
     n = gauss_params["means"].shape[0]
     idx = torch.arange(n) if selection is None else torch.as_tensor(selection).cpu()
     if idx.dtype == torch.bool:
@@ -57,12 +56,7 @@ def write_splat_ply(path: Path, gauss_params: Dict[str, Tensor], selection: Opti
     if data.shape[0] == 0:
         raise EmptySelectionError(f"nothing written to {path}: all {len(idx)} selected Gaussians have NaN/inf parameters")
     names = splat_ply_properties(rest.shape[1])
-    arr = np.empty(data.shape[0], dtype=[(nm, "f4") for nm in names])
-    for i, nm in enumerate(names):
-        arr[nm] = data[:, i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PlyData([PlyElement.describe(arr, "vertex")], byte_order="<").write(str(path))
+    write_vertex_ply(path, {nm: data[:, i].astype(np.float32) for i, nm in enumerate(names)})
     return int(data.shape[0])
 
 

@@ -17,7 +17,7 @@ from pepeseg3d_ns.contrast.model import PepeContrastModelConfig
 from pepeseg3d_ns.contrast.pipeline import PepeContrastPipelineConfig
 from pepeseg3d_ns.recon.model import PepeReconModelConfig
 from pepeseg3d_ns.schedulers import FloatExponentialDecaySchedulerConfig as ExponentialDecaySchedulerConfig
-from pepeseg3d_ns.trainer import PepeTrainerConfig
+from pepeseg3d_ns.trainer import PepeTrainerConfig, register_method_default
 
 
 def gaussian_optimizers(max_steps: int) -> dict:
@@ -42,7 +42,7 @@ def gaussian_optimizers(max_steps: int) -> dict:
 
 
 pepe_recon = MethodSpecification(
-    config=PepeTrainerConfig(
+    config=register_method_default(PepeTrainerConfig(
         method_name="pepe-recon",
         steps_per_eval_image=100,
         steps_per_eval_batch=0,
@@ -57,7 +57,7 @@ pepe_recon = MethodSpecification(
         optimizers=gaussian_optimizers(30000),
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
         vis="viewer",
-    ),
+    )),
     description="PePESeg3D stage 1: Gaussian Splatting with the monocular depth constraint (CPU or CUDA). "
     "Computes the SAM / Depth-Anything priors of its training images when they are not cached "
     "(--pipeline.datamanager.prior-sources.sam-checkpoint PATH; simulated for synthetic scenes), or run "
@@ -66,7 +66,7 @@ pepe_recon = MethodSpecification(
 
 
 pepe_contrast = MethodSpecification(
-    config=PepeTrainerConfig(
+    config=register_method_default(PepeTrainerConfig(
         method_name="pepe-contrast",
         steps_per_eval_image=500,
         steps_per_eval_batch=0,
@@ -86,7 +86,7 @@ pepe_contrast = MethodSpecification(
         },
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
         vis="viewer",
-    ),
+    )),
     description="PePESeg3D stage 2: multi-scale contrastive Gaussian features on frozen pepe-recon geometry. "
     "Needs --pipeline.model.recon-checkpoint RECON_RUN/config.yml and the priors pepe-recon used.",
 )

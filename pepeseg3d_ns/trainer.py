@@ -236,10 +236,19 @@ def _original_config(checkpoint: Path):
     return load_run_config(p, flag="the resumed run's") if p.is_file() else None
 
 
-def _method_default(config) -> Optional[TrainerConfig]:
-    from pepeseg3d_ns.methods import pepe_contrast, pepe_recon
+# method name -> its default TrainerConfig; filled by pepeseg3d_ns.methods (which imports this module, not back)
+_METHOD_DEFAULTS: Dict[str, TrainerConfig] = {}
 
-    return {"pepe-recon": pepe_recon.config, "pepe-contrast": pepe_contrast.config}.get(config.method_name)
+
+def register_method_default(config: TrainerConfig) -> TrainerConfig:
+    """Record ``config`` as the default config of the method ``config.method_name`` (what a resumed run compares
+    its command against, :func:`adopt_original_schedule`); returns ``config``."""
+    _METHOD_DEFAULTS[config.method_name] = config
+    return config
+
+
+def _method_default(config) -> Optional[TrainerConfig]:
+    return _METHOD_DEFAULTS.get(config.method_name)
 
 
 def adopt_original_schedule(config, original) -> List[str]:

@@ -4,7 +4,7 @@ and PEPESEG3D_EXT_DIR=<separate build folder> per checkout."""
 import sys, time, statistics, torch
 torch.set_num_threads(2)
 import importlib
-from pepeseg3d_ns.render import bench as B
+from pepeseg3d_ns.benchmarks import render as B
 R = importlib.import_module("pepeseg3d_ns.render.rasterize")
 from pepeseg3d_ns.render import cpu_backend as C
 F = C._RasterizeToPixelsCPU

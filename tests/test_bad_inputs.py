@@ -96,7 +96,7 @@ CONTRAST_STEPS, CONTRAST_SAVE = 20, 10
 @pytest.fixture(scope="module")
 def recon_run(scene, tmp_path_factory) -> Path:
     """An uninterrupted 40-step pepe-recon run that keeps its step-20 checkpoint (the "interrupted" point)."""
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
 
     config = make_config(scene, tmp_path_factory.mktemp("runs"), steps=RECON_STEPS, device="cpu")
     config.steps_per_save = RECON_SAVE
@@ -110,7 +110,7 @@ def recon_run(scene, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def contrast_run(recon_run, tmp_path_factory) -> Path:
     """An uninterrupted 20-step pepe-contrast run on ``recon_run`` keeping its step-10 checkpoint."""
-    from pepeseg3d_ns.demo import make_contrast_config
+    from pepeseg3d_ns.recipes import make_contrast_config
 
     config = make_contrast_config(recon_run, tmp_path_factory.mktemp("cruns"), steps=CONTRAST_STEPS, device="cpu",
                                   timestamp="full")
@@ -375,7 +375,7 @@ def _malicious_run(recon_run: Path, dest: Path, payload: str, marker: Path) -> P
 
 @pytest.mark.parametrize("kind", sorted(PAYLOADS))
 def test_malicious_config_never_runs(recon_run, tmp_path, kind, capsys):
-    from pepeseg3d_ns.demo import make_contrast_config
+    from pepeseg3d_ns.recipes import make_contrast_config
     from pepeseg3d_ns.methods import pepe_contrast
     from pepeseg3d_ns.runs import UnsafeConfigError, load_run_config
     from pepeseg3d_ns.trainer import PepeTrainerConfig, data_from_recon_run
@@ -447,7 +447,7 @@ def test_package_loads_nothing_unsafely():
 
 # ------------------------------------------------------------------------------------------------ full disk
 def _fresh_trainer(scene: Path, out: Path):
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
 
     config = make_config(scene, out, steps=10, device="cpu")
     config.timestamp = "disk"

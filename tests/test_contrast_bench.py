@@ -2,7 +2,7 @@
 
 import torch
 
-from pepeseg3d_ns.contrast import bench
+from pepeseg3d_ns.benchmarks import contrast_parts as bench
 
 
 def test_sphere_blobs():

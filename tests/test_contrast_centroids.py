@@ -161,7 +161,7 @@ def test_bound_replaces_least_recently_matched_across_refreshes():
 
 
 def _train_refreshes(tmp_path, worker, views=2, steps=16):
-    from pepeseg3d_ns.contrast import step_bench as sb
+    from pepeseg3d_ns.benchmarks import contrast_step as sb
 
     torch.manual_seed(0)
     model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, 400), centroid_start=8, centroid_every=4,

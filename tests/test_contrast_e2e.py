@@ -25,7 +25,7 @@ MIOU_MARGIN = {"parts": 0.0, "objects": 0.0, "groups": 0.0}
 def runs(tmp_path_factory):
     from nerfstudio.scripts.train import train_loop
 
-    from pepeseg3d_ns.demo import make_config, make_contrast_config
+    from pepeseg3d_ns.recipes import make_config, make_contrast_config
     from pepeseg3d_ns.priors.cli import Priors
 
     scene = tmp_path_factory.mktemp("scene") / "tabletop"
@@ -146,8 +146,10 @@ def test_decompose_cli(runs, tmp_path):
                            "--max-views", "3", "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
-    assert sheet.shape == (3 * 48 * 2, 3 * 48 * 2, 3)
+    sheet = np.asarray(Image.open(out / "contact_sheet.png").convert("RGB"))
+    band_h = sheet.shape[0] - 3 * 48 * 2  # 3 views x (render | s=0.1 | s=0.9) at 2x, under the title / column labels
+    assert sheet.shape[1:] == (3 * 48 * 2, 3) and band_h > 10, sheet.shape
+    assert (sheet[:band_h] == 255).all(-1).mean() > 0.5 and (sheet[:band_h] < 100).all(-1).any()
     assert len(list((out / "s0.1").glob("*.png"))) == 3
 
 

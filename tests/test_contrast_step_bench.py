@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pepeseg3d_ns.contrast import step_bench as sb
+from pepeseg3d_ns.benchmarks import contrast_step as sb
 
 
 def test_make_batch_masks_nest_and_scales_follow_area():

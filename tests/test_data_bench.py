@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pepeseg3d_ns.contrast import data_bench as db
-from pepeseg3d_ns.contrast.step_bench import build_model, make_recon_checkpoint
+from pepeseg3d_ns.benchmarks import contrast_data as db
+from pepeseg3d_ns.benchmarks.contrast_step import build_model, make_recon_checkpoint
 
 
 def test_both_paths_run_on_the_same_inputs(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pepeseg3d_ns.contrast.model import feature_pca
+from pepeseg3d_ns.contrast.pca import feature_pca
 from pepeseg3d_ns.export import splat_ply_properties, write_splat_ply
 from pepeseg3d_ns.segment import overlay
 

@@ -70,7 +70,7 @@ def test_round_trip_is_lossless(seed):
     again = PixelMasks.from_arrays(arrays)
     assert torch.equal(again.to_dense(), masks) and torch.equal(again.pixel_set, pm.pixel_set)
     # from the packed MaskSet directly (what the datamanager does)
-    assert torch.equal(MaskSet.from_dense(masks).pixel_masks().pixel_set, pm.pixel_set)
+    assert torch.equal(PixelMasks.from_maskset(MaskSet.from_dense(masks)).pixel_set, pm.pixel_set)
 
 
 def test_hash_collisions_fall_back_to_an_exact_sort(monkeypatch):

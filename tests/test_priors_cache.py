@@ -448,6 +448,11 @@ def test_cli_simulated_auto(scene, capsys):
     out = capsys.readouterr().out
     n_train = len(list((scene / "pepe_priors" / "entries").glob("*.json")))
     assert "simulated masks" in out and f"{n_train} computed" in out and "masks/image" in out and n_train >= N_VIEWS - 1
+    # preview.png: 3 rows x (image | 3 mask layers | depth) at 2x, under a white band with the title and column labels
+    preview = np.asarray(Image.open(scene / "pepe_priors" / "preview.png").convert("RGB"))
+    band_h = preview.shape[0] - 3 * RES * 2
+    assert preview.shape[1] == 5 * RES * 2 and band_h > 10, preview.shape
+    assert (preview[:band_h] == 255).all(-1).mean() > 0.5 and (preview[:band_h] < 100).all(-1).any()
     Priors(data=scene, progress=False).main()
     assert f"0 computed, {n_train} skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
@@ -543,7 +548,7 @@ def test_priors_command_names_the_dataparser_arguments():
 
     from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
     from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
-    from pepeseg3d_ns.priors.cli import priors_command
+    from pepeseg3d_ns.priors.command_line import priors_command
 
     cfg = PepeDatamanagerConfig(data=Path("P"), dataparser=PepeDataParserConfig())
     assert priors_command(cfg) == "pepeseg3d priors --data P"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pepeseg3d_ns.contrast import step_bench as sb
+from pepeseg3d_ns.benchmarks import contrast_step as sb
 from pepeseg3d_ns.readback import ReadbackCounter, allow_readback, cuda_sync_check
 
 # the places a step may read back, and why (every allowance in the step must be one of these)

@@ -36,7 +36,7 @@ def trained_run(tiny_scene, tmp_path_factory) -> Path:
     schedule scaled to 300 steps) boundary-guided refinement in steps 100-123 (2 x 12 views) all happen."""
     from nerfstudio.scripts.train import train_loop
 
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
 
     config = make_config(tiny_scene, tmp_path_factory.mktemp("runs"), steps=300, device="cpu")
     config.pipeline.model.warmup_length = 50
@@ -80,11 +80,18 @@ def test_ns_train_help_lists_method():
     assert "pepe-recon" in out.stdout
 
 
-def test_short_training_run_converges_and_reloads(trained_run):
+def test_short_training_run_converges_and_reloads(trained_run, tmp_path):
     """The checkpoint loads through nerfstudio's own eval_setup (torch.load with the weights_only default)."""
-    from pepeseg3d_ns.demo import evaluate_run
+    from PIL import Image
 
-    report = evaluate_run(trained_run)
+    from pepeseg3d_ns.recipes import evaluate_run
+
+    report = evaluate_run(trained_run, picture=tmp_path / "demo_comparison.png")
+    # the picture: one row per held-out view (at most 3), ground truth | render | depth, under a white label band
+    pic = np.asarray(Image.open(tmp_path / "demo_comparison.png").convert("RGB"))
+    assert pic.shape[1] == 3 * 48  # the tiny scene is 48 px
+    band_h = pic.shape[0] - min(3, report["n_eval_views"]) * 48
+    assert band_h > 10 and (pic[:band_h] == 255).all(-1).mean() > 0.5 and (pic[:band_h] < 100).all(-1).any()
     assert report["step"] == 299
     assert report["num_gaussians"] > 500
     flat = flat_colour_psnr(trained_run)
@@ -125,7 +132,7 @@ def test_ns_eval_cli_on_cpu_checkpoint(trained_run, tmp_path):
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     import json
 
-    from pepeseg3d_ns.demo import evaluate_run
+    from pepeseg3d_ns.recipes import evaluate_run
 
     results = json.loads(out_json.read_text())["results"]
     ours = evaluate_run(trained_run)  # the same held-out views through our own loop
@@ -139,7 +146,7 @@ def test_final_all_views_eval_logged(trained_run):
     steps_per_eval_all_images is beyond the run) and logs it; its PSNR is that of the finished model."""
     import json
 
-    from pepeseg3d_ns.demo import evaluate_run
+    from pepeseg3d_ns.recipes import evaluate_run
 
     logged = scalars(trained_run.parent, "Eval Images Metrics Dict (all images)/psnr")
     assert [s for s, _ in logged] == [299], logged
@@ -150,7 +157,7 @@ def test_final_all_views_eval_logged(trained_run):
 
 
 def test_missing_transforms_json_is_a_clear_error(tmp_path):
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
 
     config = make_config(tmp_path / "no_scene_here", tmp_path / "runs", steps=10, device="cpu")
     with pytest.raises(Exception) as err:
@@ -162,7 +169,7 @@ def test_missing_transforms_json_is_a_clear_error(tmp_path):
 def test_undecodable_image_names_the_file(tiny_scene, tmp_path, index):
     import shutil
 
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
 
     scene = tmp_path / "broken"
     shutil.copytree(tiny_scene, scene, ignore=shutil.ignore_patterns("pepe_priors"))
@@ -189,7 +196,7 @@ def test_zero_gaussians_is_a_clear_error(trained_run):
 
 @pytest.mark.parametrize("weight", [0.05, 0.0])
 def test_depth_loss_in_a_training_step(tiny_scene, tmp_path, weight):
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
 
     config = make_config(tiny_scene, tmp_path / "runs", steps=100, device="cpu")
     config.pipeline.model.depth_loss_weight = weight
@@ -211,7 +218,7 @@ def test_pepe_recon_computes_or_names_the_missing_priors(tiny_scene, tmp_path):
     import json
     import shutil
 
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
     from pepeseg3d_ns.priors.cache import PriorCacheError
 
     bare = tmp_path / "bare"
@@ -239,7 +246,7 @@ def test_pepe_recon_computes_or_names_the_missing_priors(tiny_scene, tmp_path):
 def test_boundary_refinement_splits_in_a_training_step(tiny_scene, tmp_path):
     from nerfstudio.engine.optimizers import Optimizers
 
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
 
     config = make_config(tiny_scene, tmp_path / "runs", steps=100, device="cpu")
     config.pipeline.model.refine_start = 0

@@ -395,3 +395,23 @@ def test_entity_widths_on_a_hand_made_map(tmp_path: Path):
     w = entity_widths(tmp_path, "parts")
     assert w["a/stripe"]["median"] == 3.0 and w["a/square"]["median"] == 5.0
     assert w["a/stripe"]["views"] == 1 and "a/hidden" not in w
+
+
+def test_scene_preview_is_labelled(scene_dir: Path, tmp_path: Path):
+    from pepeseg3d_ns.data.preview import scene_preview
+
+    png = scene_preview(scene_dir, tmp_path / "preview.png", views=(0, 3, 6), scale=2)
+    img = np.asarray(Image.open(png).convert("RGB"))
+    content_h = 3 * RES * 2
+    assert img.shape[1] == 5 * RES * 2  # image | GT depth | parts | objects | groups
+    band_h = img.shape[0] - content_h
+    assert band_h > 10, "no title / column labels above the grid"
+    band = img[:band_h]
+    assert (band == 255).all(-1).mean() > 0.5 and (band < 100).all(-1).any()  # white band with dark text
+    # every column carries a label: dark pixels in each fifth of the band's bottom (label) lines
+    labels = band[band_h // 2:]
+    for j in range(5):
+        assert (labels[:, j * RES * 2:(j + 1) * RES * 2] < 100).all(-1).any(), f"column {j} has no label"
+    # the content below is unchanged: the first view's image, enlarged 2x
+    rgb = np.asarray(Image.open(scene_dir / "images" / "frame_00000.png").convert("RGB"))
+    assert np.array_equal(img[band_h:band_h + RES * 2:2, :RES * 2:2], rgb)

@@ -33,7 +33,7 @@ def tiny_recon_run(browser_ready, tmp_path_factory) -> Path:
     import torch
 
     from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
     from pepeseg3d_ns.priors.cli import Priors
 
     scene = tmp_path_factory.mktemp("viewer_scene") / "tabletop"

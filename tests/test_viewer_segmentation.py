@@ -48,7 +48,7 @@ def train_tabletop_contrast(root: Path, res: int = RES, n_views: int = N_VIEWS, 
     snowman at every scale. At 0.01 the hierarchy appeared for 2 of 3 seeds, at 0.02 for every seed tried (3 seeds at
     300 steps, 2 at 600; measured with the gate at the features' lr and the earlier "hinge" gate start)."""
     from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
-    from pepeseg3d_ns.demo import make_config, make_contrast_config
+    from pepeseg3d_ns.recipes import make_config, make_contrast_config
     from pepeseg3d_ns.priors.cli import Priors
 
     scene = Path(root) / "scene" / "tabletop"

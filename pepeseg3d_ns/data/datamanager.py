@@ -135,6 +135,7 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
         (``priors="auto"``); stop with a message naming the command that computes them otherwise."""
         from pepeseg3d_ns.priors.cache import PriorCache, PriorCacheError
         from pepeseg3d_ns.priors.compute import compute_priors, datamanager_images
+        from pepeseg3d_ns.priors.pixel_masks import PixelMasks
 
         images = datamanager_images(self, "train", cached)
         cache = PriorCache.open(self.prior_cache_dir(), create=True)
@@ -157,7 +158,7 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
         for im, d in zip(images, cached):
             pri = cache.load(im.key)
             d["prior_masks"] = pri.masks
-            d["pixel_masks"] = pri.masks.pixel_masks()
+            d["pixel_masks"] = PixelMasks.from_maskset(pri.masks)
             d["depth_prior"] = torch.from_numpy(pri.depth)[..., None]
             entries.append(pri.entry)
         self._check_one_setting(cache, entries)
@@ -184,7 +185,7 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
                 )
 
     def _missing_priors_message(self, cache, images, todo, broken) -> str:
-        from pepeseg3d_ns.priors.cli import priors_command
+        from pepeseg3d_ns.priors.command_line import priors_command
 
         first = todo[0]
         damaged = [p for k, p in broken.items() if p is not None and cache.entry_path(k).is_file()]

@@ -1,12 +1,14 @@
-"""Pictures of a synthetic scene: views with their GT depth and instance maps at every level."""
+"""Figures: labelled grids of views (a title and a label over every column), the synthetic scene's ground truth
+(``preview.png`` of ``pepeseg3d synth``), the prior cache's content (``pepe_priors/preview.png``), and the colour
+maps the demo's comparison picture and the decomposition sheet use."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pepeseg3d_ns.data.synthetic import LEVELS, load_gt_depth, load_gt_masks
 
@@ -33,11 +35,58 @@ def colorize_disparity(disp: np.ndarray) -> np.ndarray:
     return (np.stack([t, 0.3 + 0.5 * t, 1.0 - t], axis=-1) * 255).astype(np.uint8)
 
 
-def save_grid(rows: Sequence[np.ndarray], out_png: Path, scale: int = 1) -> Path:
-    """Stack ``[h, W, 3] uint8`` rows vertically, enlarge by ``scale`` (nearest) and save as PNG."""
+_PAD = 3  # pixels around each label line
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> List[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide (a single long word stays whole)."""
+    lines: List[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def label_band(width: int, title: Optional[str] = None, columns: Sequence[str] = ()) -> Image.Image:
+    """A white ``width``-pixel-wide band: ``title`` (left, wrapped) above one centred label per column (the
+    ``len(columns)`` columns share the width equally), black text in PIL's default font."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = font.getbbox("Ag")[3] + 2
+    title_lines = _wrap(draw, title, font, width - 2 * _PAD) if title else []
+    col_w = width / max(len(columns), 1)
+    col_lines = [_wrap(draw, c, font, int(col_w) - 2 * _PAD) for c in columns]
+    n_col = max((len(c) for c in col_lines), default=0)
+    height = _PAD + line_h * len(title_lines) + (_PAD if title_lines and n_col else 0) + line_h * n_col + _PAD
+    band = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    y = _PAD
+    for line in title_lines:
+        draw.text((_PAD, y), line, fill=(0, 0, 0), font=font)
+        y += line_h
+    y += _PAD if title_lines and n_col else 0
+    for j, lines in enumerate(col_lines):
+        for k, line in enumerate(lines):
+            x = col_w * j + (col_w - draw.textlength(line, font=font)) / 2
+            draw.text((x, y + k * line_h), line, fill=(0, 0, 0), font=font)
+    return band
+
+
+def save_grid(rows: Sequence[np.ndarray], out_png: Path, scale: int = 1, title: Optional[str] = None,
+              columns: Sequence[str] = ()) -> Path:
+    """Stack ``[h, W, 3] uint8`` rows vertically, enlarge by ``scale`` (nearest), put a :func:`label_band` with
+    ``title`` and the ``columns`` labels (equal-width columns) on top when either is given, and save as PNG."""
     grid = Image.fromarray(np.concatenate(list(rows), axis=0))
     if scale != 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    if title or columns:
+        band = label_band(grid.width, title, columns)
+        framed = Image.new("RGB", (grid.width, band.height + grid.height), (255, 255, 255))
+        framed.paste(band, (0, 0))
+        framed.paste(grid, (0, band.height))
+        grid = framed
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out_png)
@@ -50,14 +99,17 @@ def scene_preview(scene_dir: Path, out_png: Path, views: Sequence[int] = (0, 13,
     images = sorted((scene_dir / "images").glob("*.png"))
     if not images:
         raise FileNotFoundError(f"no images in {scene_dir / 'images'}")
-    rows = []
+    rows, stems = [], []
     for v in views:
         path = images[v % len(images)]
         rgb = np.asarray(Image.open(path).convert("RGB"))
         cols = [rgb, colorize_depth(load_gt_depth(scene_dir, path.stem))]
         cols += [colorize_ids(load_gt_masks(scene_dir, path.stem, level), seed=i) for i, level in enumerate(LEVELS)]
         rows.append(np.concatenate(cols, axis=1))
-    return save_grid(rows, out_png, scale)
+        stems.append(path.stem)
+    title = f"synthetic scene {scene_dir.name}, ground truth; rows: {', '.join(stems)}"
+    columns = ["image", "GT depth (yellow = near)"] + [f"GT {level}" for level in LEVELS]
+    return save_grid(rows, out_png, scale, title=title, columns=columns)
 
 
 def mask_layers(masks: np.ndarray, n_layers: int = 3, seed: int = 0) -> list:
@@ -81,9 +133,15 @@ def priors_preview(cache, images: Sequence, out_png: Path, scale: int = 2) -> Pa
     """Write a grid of what a prior cache holds for ``images`` (:class:`~pepeseg3d_ns.priors.compute.PriorImage`):
     one row per view, columns RGB (the image the model trains on) | fine / medium / coarse masks (area tertiles,
     a colour per mask) | depth prior (yellow = near)."""
-    rows = []
+    rows, mask_kinds, depth_kinds = [], set(), set()
     for im in images:
         pri = cache.load(im.key)
         cols = [im.image, *mask_layers(pri.masks.to_dense()), colorize_disparity(pri.depth)]
         rows.append(np.concatenate(cols, axis=1))
-    return save_grid(rows, out_png, scale)
+        mask_kinds.add(pri.entry["masks"]["kind"])
+        depth_kinds.add(pri.entry["depth"]["kind"])
+    masks = f"SAM masks ({'/'.join(sorted(mask_kinds))})"
+    columns = ["image"] + [f"{masks}, {size}" for size in ("fine", "medium", "coarse")]
+    columns.append(f"depth prior ({'/'.join(sorted(depth_kinds))}, yellow = near)")
+    title = f"perception priors in {Path(cache.cache_dir).name}/, one row per view"
+    return save_grid(rows, out_png, scale, title=title, columns=columns)

@@ -187,7 +187,7 @@ def run_scene(scene_dir: Path, out_dir: Path, settings: BenchmarkSettings, rows:
     """The rows ``rows`` (default :data:`DEFAULT_ROWS`) for every seed of ``settings`` on one scene folder, plus
     the trivial predictors; returns one result per (row, seed) and per trivial predictor, each with its
     per-object scores. Results already in ``<out_dir>/results.json`` with the same settings are reused."""
-    from pepeseg3d_ns.demo import evaluate_segmentation, finished_run, make_config, make_contrast_config
+    from pepeseg3d_ns.recipes import evaluate_segmentation, finished_run, make_config, make_contrast_config
     from pepeseg3d_ns.eval.propagation import trivial_baseline
 
     rows = _check_rows(rows)

@@ -140,13 +140,6 @@ class MaskSet:
 
         return torch.from_numpy(self.to_dense()).to(device)
 
-    def pixel_masks(self):
-        """The same masks as per-pixel mask sets (:class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks`, CPU tensors),
-        what a training step reads; built from the packed bits without expanding them to ``[M, H, W]``."""
-        from pepeseg3d_ns.priors.pixel_masks import PixelMasks
-
-        return PixelMasks.from_maskset(self)
-
     def mask(self, i: int) -> np.ndarray:
         """bool [H, W] of mask ``i``."""
         row = self.bits[i]

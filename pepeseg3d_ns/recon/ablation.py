@@ -145,7 +145,7 @@ def run_recon_ablation(
     from nerfstudio.scripts.train import train_loop
 
     from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
-    from pepeseg3d_ns.demo import make_config
+    from pepeseg3d_ns.recipes import make_config
     from pepeseg3d_ns.priors.cli import Priors
 
     output_dir = Path(output_dir)

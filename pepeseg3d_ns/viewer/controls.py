@@ -217,7 +217,7 @@ class SegmentationPanel(nn.Module):
     def outputs(self, view, rgb: Tensor) -> Dict[str, Tensor]:
         """Extra viewer outputs for one rendered view: ``segmentation``, ``segment``, ``feature_pca``,
         ``decomposition`` (all ``[H, W, 3]`` in [0, 1])."""
-        from pepeseg3d_ns.contrast.model import feature_pca
+        from pepeseg3d_ns.contrast.pca import feature_pca
         from pepeseg3d_ns.segment import overlay
 
         s = self.current_scale

@@ -14,7 +14,7 @@ Two paths on the same inputs, each configuration in a fresh process:
   image, and the model's own ``get_loss_dict`` runs on it (draws by an exponential race over pixels, ``O(P L)``
   gathers for labels, pair targets and omega).
 
-Inputs: the step benchmark's synthetic view (:func:`pepeseg3d_ns.contrast.step_bench.make_batch`: nested SAM-like
+Inputs: the step benchmark's synthetic view (:func:`pepeseg3d_ns.benchmarks.contrast_step.make_batch`: nested SAM-like
 masks, scales by area, smooth depth, random image), generated once per (size, mask count) and stored as the packed
 MaskSet and the PixelMasks arrays (what the priors cache holds); random unit features ``[H, W, 32]`` stand in for
 the rendered map. The backward runs through the losses into the scale gate; the gradient of the rendered map itself
@@ -172,7 +172,7 @@ _PATHS = {"dense": dense_data_path, "sets": sets_data_path}
 def write_inputs(folder: Path, resolution: Tuple[int, int], num_masks: int, seed: int = 0) -> Path:
     """Generate the synthetic view of ``make_batch`` and store ``maskset.npz`` (packed masks), ``pixel_masks.npz``
     (:meth:`PixelMasks.to_arrays`) and ``view.npz`` (image, depth prior, mask scales). Returns ``folder``."""
-    from pepeseg3d_ns.contrast.step_bench import make_batch
+    from pepeseg3d_ns.benchmarks.contrast_step import make_batch
     from pepeseg3d_ns.priors.masks import MaskSet
 
     folder = Path(folder)
@@ -211,7 +211,7 @@ def _worker(cfg: dict) -> dict:
     """One (path, inputs) configuration in this fresh process. Returns the row."""
     import gc
 
-    from pepeseg3d_ns.contrast.step_bench import build_model, make_recon_checkpoint
+    from pepeseg3d_ns.benchmarks.contrast_step import build_model, make_recon_checkpoint
 
     torch.set_num_threads(int(cfg["threads"]))
     folder = Path(cfg["inputs"])
@@ -263,7 +263,7 @@ def _run_child(cfg: dict, timeout: float) -> dict:
     env = dict(os.environ)
     t = str(int(cfg["threads"]))
     env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, NUMBA_NUM_THREADS=t)
-    code = ("import json, sys; from pepeseg3d_ns.contrast import data_bench as b; "
+    code = ("import json, sys; from pepeseg3d_ns.benchmarks import contrast_data as b; "
             "print('@@' + json.dumps(b._worker(json.loads(sys.argv[1]))), flush=True)")
     try:
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
@@ -326,7 +326,7 @@ def sets_breakdown(resolution: Tuple[int, int] = (756, 1008), num_masks: int = 3
     ``pairs + targets``, ``Lm``, ``perception pairs`` (O(H W) integral images), ``Lp + L2D``, ``backward``."""
     from pepeseg3d_ns.contrast import losses as L
     from pepeseg3d_ns.contrast import sampling as S
-    from pepeseg3d_ns.contrast.step_bench import build_model, make_recon_checkpoint
+    from pepeseg3d_ns.benchmarks.contrast_step import build_model, make_recon_checkpoint
 
     torch.set_num_threads(int(threads))
     with tempfile.TemporaryDirectory(prefix="pepe_data_bench_") as tmp:

@@ -4,7 +4,7 @@ No trained scene is needed. For ``N`` Gaussians the benchmark writes a synthetic
 :func:`pepeseg3d_ns.contrast.model.load_recon_geometry` reads) into a temporary folder and builds the real
 :class:`~pepeseg3d_ns.contrast.model.PepeContrastModel` from it, exactly as ``ns-train pepe-contrast`` does
 (``populate_modules`` loads the geometry and builds the 16-NN index). The scene is the rasterizer benchmark's
-(:func:`pepeseg3d_ns.render.bench.random_scene`): ``N`` random Gaussians in a slab 2-4 units in front of one pinhole
+(:func:`pepeseg3d_ns.benchmarks.render.random_scene`): ``N`` random Gaussians in a slab 2-4 units in front of one pinhole
 camera (focal length = image width), 1-6 px radius at 128 px, so every pixel is covered by many Gaussians.
 
 The batch is what the pepe-contrast datamanager hands the model (:func:`make_batch`): ``num_masks`` nested SAM-like
@@ -80,7 +80,7 @@ Resolution = Tuple[int, int]
 def make_recon_checkpoint(folder: Path, n: int, resolution: int = 128, sh_degree: int = 3, seed: int = 0) -> Path:
     """Write a pepe-recon-like checkpoint of ``n`` random Gaussians to ``folder/step-000000000.ckpt``.
 
-    Geometry from :func:`pepeseg3d_ns.render.bench.random_scene` (world = the camera of :func:`make_camera`):
+    Geometry from :func:`pepeseg3d_ns.benchmarks.render.random_scene` (world = the camera of :func:`make_camera`):
     ``{"step": 0, "pipeline": {"_model.gauss_params.means" [n, 3], ".scales" [n, 3] log standard deviations,
     ".quats" [n, 4] (w, x, y, z, unnormalised), ".features_dc" [n, 3], ".features_rest" [n, (sh_degree+1)^2 - 1, 3],
     ".opacities" [n, 1] logits}}``, all float32. ``resolution`` only matters for the unused intrinsics.
@@ -90,7 +90,7 @@ def make_recon_checkpoint(folder: Path, n: int, resolution: int = 128, sh_degree
         raise ValueError(f"make_recon_checkpoint needs at least 2 Gaussians, got n={n}")
     if sh_degree < 0:
         raise ValueError(f"sh_degree must be >= 0, got {sh_degree}")
-    from pepeseg3d_ns.render.bench import random_scene
+    from pepeseg3d_ns.benchmarks.render import random_scene
 
     scene = random_scene(n, channels=3, resolution=resolution, device="cpu", seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -406,7 +406,7 @@ def _warm_up(device: str) -> None:
 def _worker(cfg: dict) -> dict:
     """One configuration in this (fresh) process; ``cfg`` keys: gaussians, height, width, threads, repeats, device,
     num_masks, profile, seed. Returns the row (see :func:`run_contrast_step_bench`)."""
-    from pepeseg3d_ns.render.bench import _PeakRSS
+    from pepeseg3d_ns.benchmarks.render import _PeakRSS
     from pepeseg3d_ns.render.rasterize import cpu_backend_name
 
     torch.set_num_threads(int(cfg["threads"]))
@@ -499,7 +499,7 @@ def _run_child(cfg: dict, timeout: float) -> dict:
     env = dict(os.environ)
     t = str(int(cfg["threads"]))
     env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, NUMBA_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t)
-    code = ("import json, sys; from pepeseg3d_ns.contrast import step_bench as b; "
+    code = ("import json, sys; from pepeseg3d_ns.benchmarks import contrast_step as b; "
             "print('@@' + json.dumps(b._worker(json.loads(sys.argv[1]))), flush=True)")
     t0 = time.perf_counter()
     try:
@@ -678,7 +678,7 @@ class BenchContrast:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m pepeseg3d_ns.contrast.step_bench [--sizes ...]`` (tyro over :class:`BenchContrast`)."""
+    """``python -m pepeseg3d_ns.benchmarks.contrast_step [--sizes ...]`` (tyro over :class:`BenchContrast`)."""
     import tyro
 
     tyro.cli(BenchContrast, args=argv).main()

@@ -46,7 +46,7 @@ def _measure(kind: str, size_name: str, device: str, repeats: int, points_per_si
     """Run one source on one image size in this (fresh) process."""
     import torch
 
-    from pepeseg3d_ns.render.bench import _PeakRSS
+    from pepeseg3d_ns.benchmarks.render import _PeakRSS
 
     work = Path(tempfile.mkdtemp(prefix="pepe_bench_priors_"))
     image = _image(SIZES[size_name], work)

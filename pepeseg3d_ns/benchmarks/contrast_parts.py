@@ -1,6 +1,6 @@
 """Benchmarks of the stage-2 helpers: HDBSCAN implementations/subsample sizes and the kNN graph.
 
-Run as ``python -m pepeseg3d_ns.contrast.bench --what all`` (or ``cluster`` / ``knn`` / ``smooth``); the markdown tables it prints
+Run as ``python -m pepeseg3d_ns.benchmarks.contrast_parts --what all`` (or ``cluster`` / ``knn`` / ``smooth``); the markdown tables it prints
 are what ``docs/contrast_bench.md`` records. Every configuration runs in a fresh Python process (imports, numba
 compilation and allocator state of one configuration cannot leak into the next), which reports its own timings and
 peak memory as one JSON line.
@@ -128,7 +128,7 @@ def _maxrss_mb() -> float:
 def _worker_cluster(cfg: dict) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from .cluster import cluster_features
+    from pepeseg3d_ns.contrast.cluster import cluster_features
 
     n, dataset, method, s = cfg["n_points"], cfg["dataset"], cfg["method"], cfg["max_points"]
     if dataset == "blobs":
@@ -157,7 +157,7 @@ def _worker_cluster(cfg: dict) -> dict:
 
 
 def _worker_knn(cfg: dict) -> dict:
-    from .knn import knn_indices, smooth_features
+    from pepeseg3d_ns.contrast.knn import knn_indices, smooth_features
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -183,7 +183,7 @@ def _worker_knn(cfg: dict) -> dict:
 
 def _run_child(kind: str, cfg: dict, timeout: float) -> dict:
     code = (
-        "import json,sys; from pepeseg3d_ns.contrast import bench; "
+        "import json,sys; from pepeseg3d_ns.benchmarks import contrast_parts as bench; "
         f"print('@@' + json.dumps(bench._worker_{kind}(json.loads(sys.argv[1]))))"
     )
     t0 = time.perf_counter()
@@ -294,7 +294,7 @@ def run_smooth_bench(
     Returns ``{"kind": "smooth", "machine": {...}, "rows": [...]}`` with ``fn_fwd_s``, ``fn_bwd_s``,
     ``smoother_build_s``, ``smoother_fwd_s``, ``smoother_bwd_s``, ``max_abs_diff`` per size.
     """
-    from .knn import KnnSmoother, smooth_features
+    from pepeseg3d_ns.contrast.knn import KnnSmoother, smooth_features
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -404,7 +404,7 @@ def format_markdown(result: Dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: ``python -m pepeseg3d_ns.contrast.bench --what {cluster,knn,smooth,all} [--json out.json]``."""
+    """Command line: ``python -m pepeseg3d_ns.benchmarks.contrast_parts --what {cluster,knn,smooth,all} [--json out.json]``."""
     ap = argparse.ArgumentParser(prog="pepeseg3d-contrast-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--what", choices=("cluster", "knn", "smooth", "all"), default="all")
     ap.add_argument("--methods", nargs="+", default=["hdbscan", "sklearn"])
