@@ -116,7 +116,7 @@ def test_paper_exact_schedule_keeps_the_paper_values(tmp_path):
 def test_paper_exact_contrast_steps_train(tmp_path):
     """A few real pepe-contrast steps with every paper setting: all four terms finite and differentiable, and the
     pixels come from the whole view (some outside every mask)."""
-    from pepeseg3d_ns.contrast import step_bench as sb
+    from pepeseg3d_ns.benchmarks import contrast_step as sb
 
     torch.manual_seed(0)
     model, _ = sb.build_model(sb.make_recon_checkpoint(tmp_path, 300), centroid_start=2, centroid_every=10,
