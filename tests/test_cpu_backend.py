@@ -448,22 +448,23 @@ def test_portable_fallback_builds_and_is_bitwise_equal(tmp_path):
 
 
 @needs_ext
-def test_cached_build_loads_fast_in_new_process():
-    code = textwrap.dedent(
-        """
-        import time, torch
-        t = time.time()
-        from pepeseg3d_ns.render import cpu_backend
-        cpu_backend.load_extension()
-        print(time.time() - t)
-        """
-    )
+def test_cached_build_is_reused_by_a_new_process():
+    """A second process loads the build the first one made: no file of the build folder is rewritten or added
+    (load times are measured by bench-render, docs/benchmarks.md, not asserted here)."""
+    from pathlib import Path
+
+    cpu_backend.load_extension()
+    build = Path(cpu_backend.extension_build_dir())
+    before = {p: p.stat().st_mtime_ns for p in build.rglob("*") if p.is_file()}
+    assert any(p.suffix == ".so" for p in before)  # the baseline: a compiled build is there
+    code = "from pepeseg3d_ns.render import cpu_backend; cpu_backend.load_extension(); print(cpu_backend.is_available())"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cpu_backend.__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert float(out.stdout.strip().splitlines()[-1]) < 5.0
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "True", out.stderr
+    after = {p: p.stat().st_mtime_ns for p in build.rglob("*") if p.is_file()}
+    assert after == before
 
 
 @needs_ext
