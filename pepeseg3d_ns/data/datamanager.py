@@ -123,10 +123,37 @@ class PepeDatamanager(FullImageDatamanager[PepeDataset]):
         if cache_images_device == "cpu" and not torch.cuda.is_available():
             # pinning needs CUDA; "gpu" mode moves images to self.device, which is the CPU here
             cache_images_device = "gpu"
+        warps = self._gt_mask_warps(split)
         cached = super()._load_images(split, cache_images_device)
+        if warps:
+            dataset = self.train_dataset if split == "train" else self.eval_dataset
+            dataset._dataparser_outputs.metadata["gt_masks"].warps.update(warps)
         if split == "train" and self.wants_priors:
             self._attach_priors(cached)
         return cached
+
+    def _gt_mask_warps(self, split: str) -> Dict[int, object]:
+        """Before nerfstudio undistorts a split's images: for every distorted perspective view whose split has
+        ground-truth masks, the :class:`~pepeseg3d_ns.data.undistort.MaskWarp` of its undistortion (so that
+        evaluation compares masks aligned with the undistorted image)."""
+        from nerfstudio.cameras.cameras import CameraType
+
+        from pepeseg3d_ns.data.undistort import MaskWarp
+
+        dataset = self.train_dataset if split == "train" else self.eval_dataset
+        if dataset is None or dataset._dataparser_outputs.metadata.get("gt_masks") is None:
+            return {}
+        cams = dataset.cameras
+        if cams.distortion_params is None:
+            return {}
+        warps = {}
+        for i in range(len(cams)):
+            d = cams.distortion_params[i].numpy()
+            if not np.any(d) or int(cams.camera_type[i]) != CameraType.PERSPECTIVE.value:
+                continue
+            K = cams[i].get_intrinsics_matrices().numpy()
+            warps[i] = MaskWarp(K=K, size=(int(cams.height[i]), int(cams.width[i])), distortion=d.copy())
+        return warps
 
     # ------------------------------------------------------------------ priors
     def _attach_priors(self, cached: List[Dict]) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -118,6 +118,9 @@ class GtMasks:
     id_maps: Dict[str, Dict[int, Path]] = field(default_factory=dict)
     level_ids: Dict[str, Dict[int, List[int]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    warps: Dict[int, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
+    """image index -> the undistortion its image went through (:class:`~pepeseg3d_ns.data.undistort.MaskWarp`,
+    set by the datamanager): ``bool [h, w] -> bool [H', W']``; masks are warped alike before any resize."""
 
     def __post_init__(self) -> None:
         n = len(self.image_names)
@@ -212,6 +215,9 @@ class GtMasks:
             if path is None:
                 raise KeyError(f"no {level} id map for image {image_idx} ({self._name(image_idx)})")
             mask = read_id_map(path) == oid
+        warp = self.warps.get(image_idx)
+        if warp is not None:
+            mask = warp(mask)
         if size is not None:
             mask = resize_nearest(mask, size)
         return mask

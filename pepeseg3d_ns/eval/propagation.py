@@ -109,6 +109,10 @@ def _objects(eval_gt, config: PropagationConfig) -> List[Tuple[str, str]]:
 
 def _splits(pipeline):
     dm = pipeline.datamanager
+    # both splits as trained / evaluated on: nerfstudio undistorts and crops each split's images (and replaces the
+    # cameras' intrinsics) when it first caches them; the datamanager warps the ground-truth masks alike
+    for split in ("cached_train", "cached_eval"):
+        getattr(dm, split, None)
     eval_ds, train_ds = dm.eval_dataset, dm.train_dataset
     eval_gt, train_gt = _gt(eval_ds), _gt(train_ds)
     if eval_gt is None:
