@@ -27,7 +27,7 @@
 # Environment: PYTHON (default: python on PATH, the venv's).
 set -u -o pipefail
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 DRY=0
 OUTPUT=""
