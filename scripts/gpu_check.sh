@@ -224,15 +224,17 @@ def junit_row(xml, dry):
     passed = n - failed - skipped
     bad = [f"{c.get('classname', '')}.{c.get('name')}" for c in root.iter("testcase")
            if c.find("failure") is not None or c.find("error") is not None]
-    if failed:
-        status = "FAILED"
-    elif dry or passed == 0:
-        status = "skipped (no CUDA)" if skipped == n and n > 0 else ("ok" if passed else "FAILED")
-    else:
-        status = "ok"
     cells = f"{passed} passed, {failed} failed, {skipped} skipped (of {n})"
     if n == 0:
         status, cells = "FAILED", "no test collected"
+    elif failed:
+        status = "FAILED"
+    elif dry:
+        status = "skipped (no CUDA)" if passed == 0 else "ok"
+    elif passed == 0:  # torch sees a GPU, yet every test skipped itself
+        status, cells = "FAILED", cells + ", all skipped on a CUDA machine (see the log's skip reasons)"
+    else:
+        status = "ok"
     if bad:
         cells += "; failed: " + ", ".join(bad)
     print(status)
@@ -399,6 +401,7 @@ add_row() {
 }
 
 # timed LOG TIMEOUT CMD...: runs CMD under `timeout` with its output in LOG; sets RC and SECS
+STEP_PID=""
 timed() {
   local log="$1" limit="$2"; shift 2
   local t0 t1
@@ -408,8 +411,13 @@ timed() {
     if [ ${#a} -gt 200 ]; then shown+=("'${a%%$'\n'*} ...'"); else shown+=("$a"); fi
   done
   echo "+ ${shown[*]}" >> "$log"
-  timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1
+  # in the background and waited for, so that an interrupt reaches the trap at once (timeout runs the command in
+  # its own process group and passes a TERM on to all of it)
+  timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID"
   RC=$?
+  STEP_PID=""
   t1=$(date +%s.%N)
   SECS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
   if [ "$RC" = 124 ] || [ "$RC" = 137 ]; then echo "[gpu_check] timed out after $limit s" >> "$log"; fi
@@ -444,12 +452,14 @@ SCENE_LOG="$WORK/logs/3_scene.log"
   fi
 ) &
 SCENE_PID=$!
-stop_scene() {  # the background job's `timeout` passes the signal on to synth / priors
+stop_jobs() {  # on exit or interrupt: the running step and the background scene job (their `timeout`s pass the
+              # TERM on to synth / priors / ns-train / the benchmarks' children)
   local p
+  [ -n "${STEP_PID:-}" ] && kill "$STEP_PID" 2>/dev/null
   for p in $(ps -o pid= --ppid "$SCENE_PID" 2>/dev/null); do kill "$p" 2>/dev/null; done
   kill "$SCENE_PID" 2>/dev/null
 }
-trap stop_scene EXIT
+trap stop_jobs EXIT
 trap 'exit 130' INT TERM
 
 # ------------------------------------------------------------------------------------------------ 1. environment
