@@ -76,6 +76,9 @@ mkdir -p "$(dirname "$OUTPUT")" || exit 2
 if [ -z "$WORK" ]; then
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/pepe_gpu_check.XXXXXX")" || exit 2
 fi
+# a reused work folder: what this script wrote there before goes (an old run's tensorboard events would mix in)
+rm -rf "$WORK/logs" "$WORK/runs/gpu_check" "$WORK"/bench_*.md "$WORK"/bench_*.json "$WORK"/peak_*.json \
+  "$WORK"/scene_*.rc "$WORK/cuda_tests.xml" "$WORK/cuda_tests.txt" "$WORK/environment.json"
 mkdir -p "$WORK/logs"
 ROWS="$WORK/rows.tsv"
 : > "$ROWS"
