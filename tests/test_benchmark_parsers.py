@@ -487,3 +487,38 @@ def test_benchmark_folders_through_priors_both_stages_and_ns_eval(layout, spin, 
     assert 0.0 <= metrics["miou"] <= 1.0
     names = {o for per in metrics["segmentation"]["per_object"].values() for o in per}
     assert any("mug" in n for n in names), names
+
+
+def test_lerf_mask_distorted_ground_truth_follows_the_undistorted_view(lerf, tmp_path):
+    """An OPENCV camera with k1 = -0.3: nerfstudio undistorts and crops the evaluation images; the datamanager
+    warps the ground-truth masks the same way, so a mask has the size of its view and is the warped file (not the
+    file resized), and label propagation reads them at the cameras' undistorted size."""
+    from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
+    from pepeseg3d_ns.data.undistort import MaskWarp
+
+    d = tmp_path / "lerf_distorted"
+    shutil.copytree(lerf, d)
+    cams, images, points = colmap_io.read_model(str(d / "sparse" / "0"), ext=".bin")
+    c = cams[1]
+    fx, fy, cx, cy = c.params[:4] if c.model == "PINHOLE" else (c.params[0], c.params[0], c.params[1], c.params[2])
+    cams[1] = colmap_io.Camera(id=1, model="OPENCV", width=c.width, height=c.height,
+                               params=np.array([fx, fy, cx, cy, -0.3, 0.0, 0.0, 0.0]))
+    colmap_io.write_model(cams, images, points, str(d / "sparse" / "0"), ext=".bin")
+    parser = dataclasses.replace(_registered("lerf-mask"), data=d)
+    dm = PepeDatamanagerConfig(data=d, dataparser=parser).setup(device="cpu", test_mode="test", world_size=1,
+                                                                   local_rank=0)
+    cached = dm.cached_eval
+    gt = dm.eval_dataset._dataparser_outputs.metadata["gt_masks"]
+    assert sorted(gt.warps) == [0, 1, 2]
+    differ = 0
+    for k in range(3):
+        h, w = cached[k]["image"].shape[:2]
+        assert (h, w) != (RES, RES)  # cropped by the undistortion
+        assert (int(dm.eval_dataset.cameras.height[k]), int(dm.eval_dataset.cameras.width[k])) == (h, w)
+        assert isinstance(gt.warps[k], MaskWarp)
+        for obj in ("mug", "plate"):
+            mask = gt.load(k, obj, (h, w))
+            raw = read_binary_mask(gt.files[k][obj])
+            np.testing.assert_array_equal(mask, gt.warps[k](raw))
+            differ += int((mask != resize_nearest(raw, (h, w))).sum())
+    assert differ > 20  # the warp moved boundary pixels (the resized file would be misaligned there)
