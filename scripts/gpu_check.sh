@@ -10,7 +10,7 @@
 #   4. pepe-recon    `ns-train pepe-recon`, 2000 steps on CUDA: steps/s, final PSNR (final_eval.json), peak memory;
 #   5. pepe-contrast `ns-train pepe-contrast`, 1000 steps on the recon run: steps/s, final mIoU, peak memory;
 #   6. bench-render  `pepeseg3d bench-render --device cuda`, 1M Gaussians at 1024 px, 3 and 32 channels;
-#   7. bench-contrast `pepeseg3d bench-contrast --device cuda`, 500k Gaussians at 756x1008, 150 masks (1M would spend
+#   7. bench-contrast `pepeseg3d bench-contrast --device cuda`, 500k Gaussians at 1008x756, 150 masks (1M would spend
 #                    most of the step's time in the one-off kNN graph, ~45 s of cKDTree on the host);
 #   8. bench-step    `pepeseg3d bench-step --device cuda` at 1008x756 (skipped while bench-step has no --device).
 # Every step runs under its own `timeout` and gets one table row (status ok / FAILED / skipped, wall seconds, key
@@ -100,7 +100,7 @@ else
   RES=512; NVIEWS=40; RECON_STEPS=2000; CONTRAST_STEPS=1000
   BR_ARGS=(--gaussians 1000000 --resolutions 1024 --channels 3 32 --repeats 5)
   BC_THREADS=$(( $(nproc 2>/dev/null || echo 4) < 8 ? $(nproc 2>/dev/null || echo 4) : 8 ))
-  BC_ARGS=(--sizes 500000 --resolutions 756x1008 --threads "$BC_THREADS" --repeats 3 --num-masks 150)
+  BC_ARGS=(--sizes 500000 --resolutions 1008x756 --threads "$BC_THREADS" --repeats 3 --num-masks 150)
   BS_ARGS=(--resolutions 1008x756 --num-masks 150 300 --paths sets --repeats 3)
   # env (after the kernel builds) 30 + tests 75, beside them scene 150; then 100 + 100 + 40 + 70 + 20: 480 s = 8 min
   T=(30 75 150 100 100 40 70 20)

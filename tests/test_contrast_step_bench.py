@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from pepeseg3d_ns.errors import UserError
+
 from pepeseg3d_ns.benchmarks import contrast_step as sb
 
 
@@ -76,7 +78,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         sb.run_contrast_step_bench(device="tpu")
     with pytest.raises(ValueError, match="at least one row"):
         sb.format_markdown([])
-    with pytest.raises(SystemExit, match="HxW"):
+    with pytest.raises(UserError, match="WIDTHxHEIGHT"):
         sb.BenchContrast(resolutions=("128",)).main()
 
 

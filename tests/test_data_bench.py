@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from pepeseg3d_ns.errors import UserError
+
 from pepeseg3d_ns.benchmarks import contrast_data as db
 from pepeseg3d_ns.benchmarks.contrast_step import build_model, make_recon_checkpoint
 
@@ -39,7 +41,7 @@ def test_markdown_and_bad_arguments():
         db.run_data_path_bench(paths=("sparse",))
     with pytest.raises(ValueError, match="repeats"):
         db.run_data_path_bench(repeats=0)
-    with pytest.raises(SystemExit, match="WxH"):
+    with pytest.raises(UserError, match="WIDTHxHEIGHT"):
         db.BenchStep(resolutions=("256",)).main()
 
 

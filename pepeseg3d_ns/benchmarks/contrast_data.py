@@ -425,13 +425,9 @@ class BenchStep:
     """Instead: time each part of the "sets" path in this process at the first resolution and the last mask count."""
 
     def main(self) -> None:
-        res = []
-        for s in self.resolutions:
-            try:
-                w, h = (int(v) for v in s.lower().split("x"))
-            except ValueError:
-                raise SystemExit(f"--resolutions takes WxH values such as 1008x756, got {s!r}") from None
-            res.append((h, w))
+        from pepeseg3d_ns.benchmarks import parse_sizes
+
+        res = parse_sizes("--resolutions", self.resolutions)
         if self.breakdown:
             parts = sets_breakdown(res[0], self.num_masks[-1], self.repeats, self.threads)
             h, w = res[0]

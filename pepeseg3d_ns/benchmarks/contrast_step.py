@@ -640,7 +640,7 @@ class BenchContrast:
     sizes: Tuple[int, ...] = (50_000, 200_000)
     """Numbers of Gaussians."""
     resolutions: Tuple[str, ...] = ("128x128", "256x256")
-    """Image sizes, HxW."""
+    """Image sizes, WIDTHxHEIGHT."""
     threads: Tuple[int, ...] = (1, 2)
     """Torch/OpenMP thread counts (OMP_NUM_THREADS of each child process)."""
     repeats: int = 5
@@ -656,13 +656,9 @@ class BenchContrast:
     """Also write the raw rows as JSON here."""
 
     def main(self) -> None:
-        res = []
-        for s in self.resolutions:
-            try:
-                h, w = (int(v) for v in s.lower().split("x"))
-            except ValueError:
-                raise SystemExit(f"--resolutions takes HxW values such as 128x128, got {s!r}") from None
-            res.append((h, w))
+        from pepeseg3d_ns.benchmarks import parse_sizes
+
+        res = parse_sizes("--resolutions", self.resolutions)
         kwargs = dataclasses.asdict(self)
         kwargs.pop("json_output")
         kwargs["resolutions"] = res

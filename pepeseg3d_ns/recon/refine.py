@@ -91,6 +91,20 @@ def _axis_samples(means2d: Tensor, conics: Tensor, n_samples: int, n_sigma: floa
     return means2d[:, None, :] + t[None, :, None] * (sigma[:, None, None] * direction[:, None, :])
 
 
+def _axis_set_ids(means2d: Tensor, conics: Tensor, pixel_set: Tensor, scale: float, n_samples: int,
+                  n_sigma: float) -> Tuple[Tensor, Tensor]:
+    """Mask-set ids ``long [K, n_samples]`` at the major-axis samples of each Gaussian (read at ``scale x`` their
+    render coordinates) and ``inside bool [K, n_samples]``: whether each sample lies in the image."""
+    k = means2d.shape[0]
+    h, w = pixel_set.shape
+    pts = _axis_samples(means2d, conics, n_samples, n_sigma) * float(scale)
+    px = torch.floor(pts[..., 0]).long()
+    py = torch.floor(pts[..., 1]).long()
+    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+    flat = (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)).reshape(-1)
+    return pixel_set.reshape(-1).index_select(0, flat).long().view(k, n_samples), inside
+
+
 def visible_gaussians(radii: Tensor, depths: Tensor) -> Tensor:
     """long ``[K]`` indices of the Gaussians drawn in the view: projected radius ``> 0`` and camera depth ``> 0``
     (in front of the camera). ``radii``, ``depths``: ``[N]`` (gsplat's ``info["radii"][0]``, ``info["depths"][0]``).
@@ -115,16 +129,9 @@ def crosses_set_boundary(
     Samples falling outside the image are ignored: the image border is not a mask boundary. Cost ``O(K n_samples)``
     lookups, independent of the number of masks.
     """
-    k = means2d.shape[0]
-    h, w = pixel_set.shape
-    if k == 0:
+    if means2d.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=means2d.device)
-    pts = _axis_samples(means2d, conics, n_samples, n_sigma) * float(scale)
-    px = torch.floor(pts[..., 0]).long()
-    py = torch.floor(pts[..., 1]).long()
-    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-    flat = (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)).reshape(-1)
-    ids = pixel_set.reshape(-1).index_select(0, flat).long().view(k, n_samples)
+    ids, inside = _axis_set_ids(means2d, conics, pixel_set, scale, n_samples, n_sigma)
     lo = torch.where(inside, ids, torch.full_like(ids, torch.iinfo(torch.int64).max)).min(1).values
     hi = torch.where(inside, ids, torch.full_like(ids, -1)).max(1).values
     return (hi >= 0) & (lo != hi)
@@ -180,16 +187,9 @@ def boundary_fractions(
     sample inside the image before the set first changes. Each of the ``n_samples`` samples stands for an equal
     piece of the segment; the result is clamped to ``[1, n_samples - 1] / n_samples``. Arguments as
     :func:`crosses_set_boundary` (same samples, same lookups)."""
-    k = means2d.shape[0]
-    if k == 0:
+    if means2d.shape[0] == 0:
         return torch.zeros(0, dtype=means2d.dtype, device=means2d.device)
-    h, w = pixel_set.shape
-    pts = _axis_samples(means2d, conics, n_samples, n_sigma) * float(scale)
-    px = torch.floor(pts[..., 0]).long()
-    py = torch.floor(pts[..., 1]).long()
-    inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
-    flat = (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)).reshape(-1)
-    ids = pixel_set.reshape(-1).index_select(0, flat).long().view(k, n_samples)
+    ids, inside = _axis_set_ids(means2d, conics, pixel_set, scale, n_samples, n_sigma)
     first_in = torch.argmax(inside.to(torch.int8), dim=1)  # first sample inside the image
     first_id = ids.gather(1, first_in[:, None])
     # samples outside the image continue the current run (the border is not a mask edge)
