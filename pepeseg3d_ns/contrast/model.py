@@ -433,6 +433,11 @@ class PepeContrastModel(PepeSplatfactoModel):
             outputs.update(self.segmentation_panel.outputs(view, outputs["rgb"]))
         return outputs
 
+    def _sh_degree_now(self) -> Optional[int]:
+        """The frozen geometry's colours always render with all of its SH bands, as at the end of pepe-recon (not
+        on splatfacto's schedule, which would change the colours, and PSNR, with this run's step)."""
+        return self.config.sh_degree if self.config.sh_degree > 0 else None
+
     def _visible_ids(self) -> Optional[Tensor]:
         """The crop box and the viewer's "3D view" setting (only / all but the selected Gaussians)."""
         crop = super()._visible_ids()

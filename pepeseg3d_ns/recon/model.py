@@ -160,6 +160,13 @@ class PepeSplatfactoModel(SplatfactoModel):
             "colors": colors,
         }
 
+    def _sh_degree_now(self) -> Optional[int]:
+        """SH degree the colours render with at this step (splatfacto's schedule: one more every
+        ``sh_degree_interval`` steps up to ``sh_degree``); None = plain RGB (``sh_degree`` 0)."""
+        if self.config.sh_degree <= 0:
+            return None
+        return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+
     def _visible_ids(self) -> Optional[torch.Tensor]:
         """``bool [N]`` Gaussians rendered outside training (the viewer's crop box), None = all."""
         if self.crop_box is None:
@@ -200,9 +207,7 @@ class PepeSplatfactoModel(SplatfactoModel):
         if self.config.rasterize_mode not in ("antialiased", "classic"):
             raise ValueError(f"Unknown rasterize_mode: {self.config.rasterize_mode}")
         render_mode = "RGB+ED" if (self._depth_in_training() or not self.training) else "RGB"
-        sh_degree = None
-        if self.config.sh_degree > 0:
-            sh_degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        sh_degree = self._sh_degree_now()
 
         g = self._render_inputs(crop_ids)
         with allow_readback("rasterizer (gsplat synchronises itself; the CPU path sizes its tile lists)"):
