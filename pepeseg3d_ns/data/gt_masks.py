@@ -119,8 +119,8 @@ class GtMasks:
     level_ids: Dict[str, Dict[int, List[int]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     warps: Dict[int, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
-    """image index -> the undistortion its image went through (:class:`~pepeseg3d_ns.data.undistort.MaskWarp`,
-    set by the datamanager): ``bool [h, w] -> bool [H', W']``; masks are warped alike before any resize."""
+    """Per image index, the undistortion its image went through (:class:`~pepeseg3d_ns.data.undistort.MaskWarp`,
+    set by the datamanager), mapping a ``bool [h, w]`` mask to ``bool [H', W']``; applied before any resize."""
 
     def __post_init__(self) -> None:
         n = len(self.image_names)
