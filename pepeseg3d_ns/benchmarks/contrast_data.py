@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -260,21 +259,10 @@ def _worker(cfg: dict) -> dict:
 
 
 def _run_child(cfg: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    t = str(int(cfg["threads"]))
-    env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t, NUMBA_NUM_THREADS=t)
-    code = ("import json, sys; from pepeseg3d_ns.benchmarks import contrast_data as b; "
-            "print('@@' + json.dumps(b._worker(json.loads(sys.argv[1]))), flush=True)")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**cfg, "error": f"timeout after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@"):
-            return json.loads(line[2:])
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {**cfg, "error": f"exit {proc.returncode}: {tail}"}
+    """Run :func:`_worker` in a fresh interpreter (:func:`pepeseg3d_ns.benchmarks.run_worker_process`)."""
+    from pepeseg3d_ns.benchmarks import run_worker_process
+
+    return run_worker_process("contrast_data", cfg, timeout)
 
 
 # ----------------------------------------------------------------------------------------------------------------

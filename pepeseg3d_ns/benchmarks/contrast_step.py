@@ -47,7 +47,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -495,25 +494,10 @@ def _worker(cfg: dict) -> dict:
 
 
 def _run_child(cfg: dict, timeout: float) -> dict:
-    """Run :func:`_worker` in a fresh interpreter with the thread-count environment set before torch imports."""
-    env = dict(os.environ)
-    t = str(int(cfg["threads"]))
-    env.update(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t, NUMBA_NUM_THREADS=t, OPENBLAS_NUM_THREADS=t)
-    code = ("import json, sys; from pepeseg3d_ns.benchmarks import contrast_step as b; "
-            "print('@@' + json.dumps(b._worker(json.loads(sys.argv[1]))), flush=True)")
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**cfg, "error": f"timeout after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("@@"):
-            row = json.loads(line[2:])
-            row["process_s"] = time.perf_counter() - t0
-            return row
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {**cfg, "error": f"exit {proc.returncode}: {tail}"}
+    """Run :func:`_worker` in a fresh interpreter (:func:`pepeseg3d_ns.benchmarks.run_worker_process`)."""
+    from pepeseg3d_ns.benchmarks import run_worker_process
+
+    return run_worker_process("contrast_step", cfg, timeout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
