@@ -143,7 +143,7 @@ def env_probe(out_json, device, t_build):
         info["gpu_mib"] = p.total_memory / 2**20
         info["gpu_count"] = torch.cuda.device_count()
     Path(out_json).write_text(json.dumps(info, indent=1))  # what is known so far, should a build hang
-    from pepeseg3d_ns.render.bench import time_render
+    from pepeseg3d_ns.benchmarks.render import time_render
     from pepeseg3d_ns.render.rasterize import cpu_backend_name
     t0 = time.perf_counter()
     info["cpu_backend"] = cpu_backend_name()  # builds the C++ kernel on first use (~/.cache/pepeseg3d_ns)
