@@ -7,18 +7,16 @@ import math
 import pytest
 import torch
 
-from pepeseg3d_ns.contrast.sampling import (
+from pepeseg3d_ns.contrast.dense_reference import (
     active_labels,
     mask_balanced_probabilities,
-    mask_rank,
     membership,
-    normalise_depth,
     pair_targets,
-    perception_pairs,
     pixel_weights,
-    radius_px,
     sample_pairs,
 )
+from pepeseg3d_ns.contrast.perception import normalise_depth, perception_pairs, radius_px
+from pepeseg3d_ns.contrast.sampling import mask_rank
 
 NAN = float("nan")
 

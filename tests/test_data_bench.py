@@ -58,7 +58,7 @@ def test_tiny_benchmark_in_fresh_processes():
 def test_perception_pairs_agree_with_mains_implementation():
     """The leaner window statistics (6 integral channels written in place) give main's partners exactly and the
     same similar / dissimilar decisions, thresholds equal to float rounding."""
-    from pepeseg3d_ns.contrast import sampling as S
+    from pepeseg3d_ns.contrast import perception as P
 
     g = torch.Generator().manual_seed(0)
     for h, w in ((40, 56), (97, 64)):
@@ -68,7 +68,7 @@ def test_perception_pairs_agree_with_mains_implementation():
         pix = torch.randint(0, h * w, (3000,), generator=g)
         s = torch.rand(3000, generator=g)
         ref = db.main_perception_pairs(image, depth, pix, s, generator=torch.Generator().manual_seed(1))
-        got = S.perception_pairs(image, depth, pix, s, generator=torch.Generator().manual_seed(1))
+        got = P.perception_pairs(image, depth, pix, s, generator=torch.Generator().manual_seed(1))
         assert torch.equal(got.q, ref.q) and torch.equal(got.radius, ref.radius)
         assert torch.equal(got.sim, ref.sim) and torch.equal(got.dis, ref.dis)
         assert torch.allclose(got.theta_d, ref.theta_d, rtol=1e-5, atol=1e-6)

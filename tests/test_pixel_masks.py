@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from pepeseg3d_ns.contrast import dense_reference as R
 from pepeseg3d_ns.contrast import sampling as S
 from pepeseg3d_ns.priors import pixel_masks as pmod
 from pepeseg3d_ns.priors.masks import MaskSet
@@ -125,7 +126,7 @@ def _case(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_labels_targets_omega_covered_equal_the_dense_path(seed):
     masks, scales, areas, pm, pix, g = _case(seed)
-    member = S.membership(masks, pix)
+    member = R.membership(masks, pix)
     sm = S.gather_sampled(pm, pix, scales)
     # membership and covered set
     assert torch.equal(pm.contains(sm.sets[:, None], torch.arange(masks.shape[0])[None, :]), member)
@@ -134,18 +135,18 @@ def test_labels_targets_omega_covered_equal_the_dense_path(seed):
     assert torch.equal(S.covered_pixels(pm, scales), (masks & usable[:, None, None]).any(0))
     assert not bool(sm.count[0])
     # omega (eq. 7) over the sampled pixels: identical
-    assert torch.equal(S.set_pixel_weights(sm), S.pixel_weights(member, areas, scales))
+    assert torch.equal(S.set_pixel_weights(sm), R.pixel_weights(member, areas, scales))
     # active labels and the pair targets G (positive / hard / valid) at random scales, ties s == s_M included
     k = 3000
     i = torch.randint(0, pix.numel(), (k,), generator=g)
     j = torch.randint(0, pix.numel(), (k,), generator=g)
     s = torch.cat([torch.rand(k // 2, generator=g), scales[torch.randint(0, scales.numel(), (k - k // 2,), generator=g)]])
     s = torch.nan_to_num(s, nan=0.5)
-    ref = S.pair_targets(member, scales, i, j, s, areas)
+    ref = R.pair_targets(member, scales, i, j, s, areas)
     got = S.set_pair_targets(pm, sm, i, j, s)
     for key in ("positive", "hard", "valid", "label_i", "label_j"):
         assert torch.equal(got[key], ref[key]), key
-    assert torch.equal(got["label_i"], S.active_labels(member, scales, s, i, areas))
+    assert torch.equal(got["label_i"], R.active_labels(member, scales, s, i, areas))
     assert 0 < int(ref["hard"].sum()) < int(ref["positive"].sum()) < int(ref["valid"].sum())  # every case occurs
 
 
@@ -164,14 +165,14 @@ def test_pair_targets_chunking_does_not_change_them(monkeypatch):
 def test_pair_draw_equals_the_dense_draw(seed):
     """Same generator state -> the same pairs (and hard pairs) as ``sample_pairs`` on the dense membership."""
     masks, scales, areas, pm, pix, _ = _case(seed)
-    member = S.membership(masks, pix)
+    member = R.membership(masks, pix)
     sm = S.gather_sampled(pm, pix, scales)
     for hf in (0.0, 0.25):
-        a = S.sample_pairs(member, scales, 400, hard_fraction=hf, generator=torch.Generator().manual_seed(seed),
+        a = R.sample_pairs(member, scales, 400, hard_fraction=hf, generator=torch.Generator().manual_seed(seed),
                            mask_areas=areas)
         i, j, s, t = S.set_sample_pairs(pm, sm, 400, hard_fraction=hf, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(a[0], i) and torch.equal(a[1], j) and torch.equal(a[2], s)
-        ref = S.pair_targets(member, scales, i, j, s, areas)
+        ref = R.pair_targets(member, scales, i, j, s, areas)
         assert all(torch.equal(t[k], ref[k]) for k in ref)
         assert bool(t["valid"].all())
 
@@ -193,11 +194,11 @@ def test_draw_weights_equal_the_dense_probabilities(seed):
     covered = (masks & (torch.isfinite(scales) & (areas > 0))[:, None, None]).any(0).flatten()
     per_pixel = lambda w: w[pm.pixel_set.long()]  # noqa: E731
     for mix in (0.0, 0.5, 1.0):
-        dense = S.mask_balanced_probabilities(masks, scales, mix)
+        dense = R.mask_balanced_probabilities(masks, scales, mix)
         assert torch.allclose(per_pixel(S.set_draw_weights(pm, scales, "mask", mix)), dense, rtol=1e-12, atol=0)
     idx = torch.nonzero(covered).flatten()
     omega = torch.zeros(covered.numel())
-    omega[idx] = S.pixel_weights(masks.flatten(1)[:, idx].t(), areas, scales)
+    omega[idx] = R.pixel_weights(masks.flatten(1)[:, idx].t(), areas, scales)
     assert torch.equal(per_pixel(S.set_draw_weights(pm, scales, "omega")).float(), omega)
     assert torch.equal(per_pixel(S.set_draw_weights(pm, scales, "uniform")) > 0, covered)
 

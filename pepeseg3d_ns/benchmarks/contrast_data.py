@@ -6,9 +6,9 @@ Two paths on the same inputs, each configuration in a fresh process:
 * ``dense`` (what ``main`` did before the per-pixel mask sets): the datamanager expands the image's bit-packed
   :class:`~pepeseg3d_ns.priors.masks.MaskSet` to a bool ``[M, H, W]`` tensor; the model computes the covered map
   over ``[M, H, W]``, the mask-balanced probabilities of every pixel in float64
-  (:func:`~pepeseg3d_ns.contrast.sampling.mask_balanced_probabilities`), copies them to the host, draws with
+  (:func:`~pepeseg3d_ns.contrast.dense_reference.mask_balanced_probabilities`), copies them to the host, draws with
   ``torch.multinomial`` on a CPU generator, and builds ``member [P, M]`` for the dense
-  :func:`~pepeseg3d_ns.contrast.sampling.sample_pairs` / ``pair_targets`` / ``pixel_weights``
+  :func:`~pepeseg3d_ns.contrast.dense_reference.sample_pairs` / ``pair_targets`` / ``pixel_weights``
   (:func:`dense_data_path`, a copy of that code);
 * ``sets`` (now): the datamanager hands the :class:`~pepeseg3d_ns.priors.pixel_masks.PixelMasks` built once per
   image, and the model's own ``get_loss_dict`` runs on it (draws by an exponential race over pixels, ``O(P L)``
@@ -56,7 +56,7 @@ __all__ = ["dense_data_path", "sets_data_path", "main_perception_pairs", "run_da
 def _dense_sample_pixels(model, valid: Tensor, masks: Tensor, areas: Tensor, mask_scales: Tensor,
                          gen: torch.Generator) -> Tensor:
     """``PepeContrastModel._sample_pixels`` as it was before the per-pixel mask sets (``pixel_sampling``)."""
-    from pepeseg3d_ns.contrast.sampling import mask_balanced_probabilities, pixel_weights
+    from pepeseg3d_ns.contrast.dense_reference import mask_balanced_probabilities, pixel_weights
 
     mode = model.config.pixel_sampling
     idx = torch.nonzero(valid.flatten()).flatten()
@@ -77,9 +77,10 @@ def _dense_sample_pixels(model, valid: Tensor, masks: Tensor, areas: Tensor, mas
 def main_perception_pairs(image: Tensor, depth_prior: Tensor, pix: Tensor, s: Tensor,
                           generator: Optional[torch.Generator] = None, k_depth: float = 1.0, k_colour: float = 1.0,
                           eps: float = 1e-6):
-    """:func:`~pepeseg3d_ns.contrast.sampling.perception_pairs` as ``main`` computed it before this change (window
+    """:func:`~pepeseg3d_ns.contrast.perception.perception_pairs` as ``main`` computed it before this change (window
     statistics from 8 float64 integral channels built with full-image temporaries, validation read back), kept as
     the baseline's cost and as the reference the current implementation is tested against."""
+    from pepeseg3d_ns.contrast import perception as P
     from pepeseg3d_ns.contrast import sampling as S
 
     h, w, _ = image.shape
@@ -88,7 +89,7 @@ def main_perception_pairs(image: Tensor, depth_prior: Tensor, pix: Tensor, s: Te
     dev = image.device
     pix = S._check_index(pix, h * w, "pix").to(dev)
     s_t = S._broadcast_scale(s, pix.shape[0], dev)
-    r = S.radius_px(s_t, h, w).to(dev).clamp(min=1)
+    r = P.radius_px(s_t, h, w).to(dev).clamp(min=1)
     py, px = pix // w, pix % w
     y0, y1 = (py - r).clamp(min=0), (py + r).clamp(max=h - 1)
     x0, x1 = (px - r).clamp(min=0), (px + r).clamp(max=w - 1)
@@ -107,7 +108,7 @@ def main_perception_pairs(image: Tensor, depth_prior: Tensor, pix: Tensor, s: Te
     chw = img.permute(2, 0, 1)
     feats = torch.cat([d[None], d[None] ** 2, chw, chw**2], dim=0)  # [8, H, W]
     integral = torch.nn.functional.pad(feats.cumsum(2).cumsum(1), (1, 0, 1, 0))
-    sums = S._box_sum(integral, y0, y1, x0, x1) / area[:, None].double()
+    sums = P._box_sum(integral, y0, y1, x0, x1) / area[:, None].double()
     var_d = (sums[:, 1] - sums[:, 0] ** 2).clamp(min=0)
     var_c = (sums[:, 5:8] - sums[:, 2:5] ** 2).clamp(min=0).sum(1)
     sig_d, sig_c = var_d.sqrt(), var_c.sqrt()
@@ -117,14 +118,14 @@ def main_perception_pairs(image: Tensor, depth_prior: Tensor, pix: Tensor, s: Te
     flat_d, flat_c = sig_d <= eps, sig_c <= eps
     sim = (flat_d | (dd < theta_d)) & (flat_c | (dc < theta_c))
     dis = (~flat_d & (dd > theta_d)) & (~flat_c & (dc > theta_c))
-    return S.PerceptionPairs(q=q, sim=sim, dis=dis, radius=r, theta_d=theta_d.float(), theta_c=theta_c.float())
+    return P.PerceptionPairs(q=q, sim=sim, dis=dis, radius=r, theta_d=theta_d.float(), theta_c=theta_c.float())
 
 
 def dense_data_path(model, F: Tensor, inputs: Dict, gen: torch.Generator) -> Tensor:
     """The data path of ``main`` (before the per-pixel mask sets): batch preparation (MaskSet -> dense masks on the
     device), sampling, pair targets, losses. Returns the total loss (call ``backward`` on it)."""
     from pepeseg3d_ns.contrast import losses as L
-    from pepeseg3d_ns.contrast import sampling as S
+    from pepeseg3d_ns.contrast import dense_reference as R
 
     cfg, dev = model.config, model.device
     ms = inputs["maskset"]
@@ -136,11 +137,11 @@ def dense_data_path(model, F: Tensor, inputs: Dict, gen: torch.Generator) -> Ten
     covered = (masks & known[:, None, None]).any(0)
     pix = _dense_sample_pixels(model, covered, masks, areas, mask_scales, gen)
     Fp = F.reshape(-1, D)[pix]
-    member = S.membership(masks, pix)
-    i, j, s = S.sample_pairs(member, mask_scales, cfg.num_pairs, hard_fraction=cfg.hard_pair_fraction, generator=gen,
+    member = R.membership(masks, pix)
+    i, j, s = R.sample_pairs(member, mask_scales, cfg.num_pairs, hard_fraction=cfg.hard_pair_fraction, generator=gen,
                              mask_areas=areas)
-    targets = S.pair_targets(member, mask_scales, i, j, s, areas)
-    w = S.pixel_weights(member, areas, mask_scales)
+    targets = R.pair_targets(member, mask_scales, i, j, s, areas)
+    w = R.pixel_weights(member, areas, mask_scales)
     g = model._train_gate(s)
     loss = cfg.lambda_m * L.scale_contrastive_loss(Fp[i] * g, Fp[j] * g, targets["positive"], w[i] * w[j],
                                                    targets["valid"])
@@ -313,6 +314,7 @@ def sets_breakdown(resolution: Tuple[int, int] = (756, 1008), num_masks: int = 3
     ``get_loss_dict``, one after another): ``draw weights``, ``pixel draw`` (O(H W)), ``sampled masks``,
     ``pairs + targets``, ``Lm``, ``perception pairs`` (O(H W) integral images), ``Lp + L2D``, ``backward``."""
     from pepeseg3d_ns.contrast import losses as L
+    from pepeseg3d_ns.contrast import perception as P
     from pepeseg3d_ns.contrast import sampling as S
     from pepeseg3d_ns.benchmarks.contrast_step import build_model, make_recon_checkpoint
 
@@ -350,7 +352,7 @@ def sets_breakdown(resolution: Tuple[int, int] = (756, 1008), num_masks: int = 3
         lm = L.scale_contrastive_loss(Fp[i] * g, Fp[j] * g, t["positive"], om[i] * om[j], t["valid"], check=False)
         tick("Lm")
         s_p = torch.rand(pix.numel(), generator=gen)
-        pp = S._perception_pairs(inputs["image"], inputs["depth_prior"][..., 0], pix, s_p, generator=gen)
+        pp = P._perception_pairs(inputs["image"], inputs["depth_prior"][..., 0], pix, s_p, generator=gen)
         tick("perception pairs")
         gp = model._train_gate(s_p)
         lp = L.perception_loss(Fp * gp, F.reshape(-1, cfg.feature_dim)[pp.q] * gp, pp.sim & ok, pp.dis & ok)

@@ -293,7 +293,7 @@ _PROFILED = {
     "sampling: pairs": ("pepeseg3d_ns.contrast.sampling", "set_sample_pairs"),
     "sampling: pair targets": ("pepeseg3d_ns.contrast.sampling", "set_pair_targets"),
     "sampling: pixel weights": ("pepeseg3d_ns.contrast.sampling", "set_pixel_weights"),
-    "sampling: perception pairs": ("pepeseg3d_ns.contrast.sampling", "_perception_pairs"),
+    "sampling: perception pairs": ("pepeseg3d_ns.contrast.perception", "_perception_pairs"),
     "loss: Lm": ("pepeseg3d_ns.contrast.losses", "scale_contrastive_loss"),
     "loss: Lp": ("pepeseg3d_ns.contrast.losses", "perception_loss"),
     "loss: L2D": ("pepeseg3d_ns.contrast.losses", "norm_regulariser"),

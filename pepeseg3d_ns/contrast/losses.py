@@ -97,7 +97,7 @@ def scale_contrastive_loss(
 
     Args:
         fi, fj: ``float [K, D]`` gated features of the two pixels of each pair (``psi(s_k) * F[p]``).
-        positive: ``bool [K]`` pair targets (:func:`pepeseg3d_ns.contrast.sampling.pair_targets`).
+        positive: ``bool [K]`` pair targets (:func:`pepeseg3d_ns.contrast.sampling.set_pair_targets`).
         weight: ``float [K]`` non-negative pair weights (``omega(p) * omega(q)``); ``None`` = all ones.
         valid: ``bool [K]``; invalid pairs contribute nothing (also not to the normaliser).
         margin: cosine below which negatives are not pushed further (paper: 0).
@@ -140,7 +140,7 @@ def perception_loss(fp: Tensor, fq: Tensor, sim: Tensor, dis: Tensor) -> Tensor:
 
     Args:
         fp, fq: ``float [P, D]`` gated features of anchors and their window partners (same scale per pair).
-        sim, dis: ``bool [P]`` from :func:`pepeseg3d_ns.contrast.sampling.perception_pairs`.
+        sim, dis: ``bool [P]`` from :func:`pepeseg3d_ns.contrast.perception.perception_pairs`.
 
     Returns:
         0-d tensor (graph kept when both sets are empty).

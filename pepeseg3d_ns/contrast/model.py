@@ -14,10 +14,10 @@ covered by a SAM mask with a known scale:
 ``Lcont = lambda_m * Lm + lambda_p * Lp + lambda_cU * Lc(U) + lambda_cL * Lc(L) + lambda_norm * L2D``
 
 * ``Lm`` (eq. 3/8): :func:`~pepeseg3d_ns.contrast.losses.scale_contrastive_loss` on ``num_pairs`` pairs drawn by
-  :func:`~pepeseg3d_ns.contrast.sampling.sample_pairs` (uniform scales and pairs, hard pairs over-sampled),
+  :func:`~pepeseg3d_ns.contrast.sampling.set_sample_pairs` (uniform scales and pairs, hard pairs over-sampled),
   weighted ``omega(p) omega(q)`` (eq. 7);
 * ``Lp`` (eq. 4): :func:`~pepeseg3d_ns.contrast.losses.perception_loss`, one window partner per sampled pixel
-  (:func:`~pepeseg3d_ns.contrast.sampling.perception_pairs`: radius ``r(s)``, adaptive depth/colour thresholds);
+  (:func:`~pepeseg3d_ns.contrast.perception.perception_pairs`: radius ``r(s)``, adaptive depth/colour thresholds);
 * ``Lc`` (eq. 5): every ``centroid_every`` steps the rendered features of the views of the last
   ``centroid_views`` steps, gated at ``s = 1`` and ``s = 0``, are clustered (HDBSCAN on a bounded subsample,
   :func:`~pepeseg3d_ns.contrast.cluster.cluster_features`) in a background process while training goes on;
@@ -482,6 +482,7 @@ class PepeContrastModel(PepeSplatfactoModel):
         """The terms of ``Lcont`` (already weighted; nerfstudio sums them): ``contrast_loss`` (Lm),
         ``perception_loss`` (Lp), ``centroid_loss`` (Lc, both sets), ``norm_loss`` (L2D)."""
         from pepeseg3d_ns.contrast import losses as L
+        from pepeseg3d_ns.contrast import perception as P
         from pepeseg3d_ns.contrast import sampling as S
 
         if not self.training or "features" not in outputs:
@@ -524,7 +525,7 @@ class PepeContrastModel(PepeSplatfactoModel):
             if image.shape[:2] != (H, W):
                 raise ValueError(f"image {tuple(image.shape[:2])} and rendered features {(H, W)} differ")
             s_p = torch.rand(pix.numel(), generator=gen, device=self.device)
-            pp = S._perception_pairs(image, batch["depth_prior"].to(self.device)[..., 0].float(), pix, s_p,
+            pp = P._perception_pairs(image, batch["depth_prior"].to(self.device)[..., 0].float(), pix, s_p,
                                      generator=gen)
             g = self._train_gate(s_p)
             fq = F.reshape(-1, D)[pp.q]
