@@ -12,7 +12,7 @@
 #   6. bench-render  `pepeseg3d bench-render --device cuda`, 1M Gaussians at 1024 px, 3 and 32 channels;
 #   7. bench-contrast `pepeseg3d bench-contrast --device cuda`, 500k Gaussians at 1008x756, 150 masks (1M would spend
 #                    most of the step's time in the one-off kNN graph, ~45 s of cKDTree on the host);
-#   8. bench-step    `pepeseg3d bench-step --device cuda` at 1008x756 (skipped while bench-step has no --device).
+#   8. bench-step    `pepeseg3d bench-step --device cuda` at 1008x756 (the step's data path alone).
 # Every step runs under its own `timeout` and gets one table row (status ok / FAILED / skipped, wall seconds, key
 # numbers); a failed step does not stop the others. The timeouts bound the whole at 8 minutes (scene 150 s beside
 # environment 30 s + tests 75 s, then 100 + 100 + 40 + 70 + 20 s), plus up to 15 minutes for the one-time kernel

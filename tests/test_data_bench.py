@@ -43,6 +43,23 @@ def test_markdown_and_bad_arguments():
         db.run_data_path_bench(repeats=0)
     with pytest.raises(UserError, match="WIDTHxHEIGHT"):
         db.BenchStep(resolutions=("256",)).main()
+    with pytest.raises(ValueError, match="device"):
+        db.run_data_path_bench(device="tpu")
+    with pytest.raises(UserError, match="--breakdown"):
+        db.BenchStep(breakdown=True, device="cuda").main()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda"):
+            db.BenchStep(device="cuda").main()
+    md = db.format_markdown([{**r, "device": "cuda"} for r in rows[:2]]).splitlines()
+    assert md[0].startswith("| image (W×H) | masks | dense ms | sets ms |")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sets_path_on_cuda_in_a_fresh_process():
+    rows = db.run_data_path_bench(resolutions=((48, 64),), num_masks=(12,), paths=("sets",), repeats=2, log=False,
+                                  device="cuda")
+    assert len(rows) == 1 and "error" not in rows[0], rows[0].get("error")
+    assert rows[0]["device"] == "cuda" and rows[0]["step_s"] > 0 and rows[0]["peak_mib"] >= 0
 
 
 @pytest.mark.slow

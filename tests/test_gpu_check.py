@@ -59,7 +59,6 @@ def test_dry_run_one_row_per_step_with_parsed_numbers(dry_run):
     assert list(rows) == STEPS, list(rows)
     expected = {s: {"ok"} for s in STEPS}
     expected["cuda tests"] = {"skipped (no CUDA)"}
-    expected["bench-step"] = {"ok", "skipped (CPU only)"}  # ok once bench-step has a --device option
     for step, (status, secs, _) in rows.items():
         assert status in expected[step], (step, status, rows[step])
         assert secs >= 0
@@ -98,6 +97,9 @@ def test_dry_run_one_row_per_step_with_parsed_numbers(dry_run):
     assert number(r"step ([\d.]+) s", rows["bench-contrast"][2]) > 0
     assert "## bench-render --device cpu" in md and "| 2000 | 64 | 3 |" in md
     assert "## bench-contrast --device cpu" in md and "| 2000 | 64×64 | 1 |" in md
+    step = json.loads((work / "bench_step.json").read_text())
+    assert rows["bench-step"][2] == f"64×64 M=10 sets: {1e3 * step[0]['step_s']:.1f} ms, peak +{step[0]['peak_mib']:.1f} MiB"
+    assert "## bench-step --device cpu" in md and "| 64×64 | 10 |" in md
     assert "last lines of" not in md  # no failed step, so no log tail
     assert re.search(r"Total wall time: \d+ s\.", md)
 

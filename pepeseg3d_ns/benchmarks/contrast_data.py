@@ -39,11 +39,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from pepeseg3d_ns.errors import UserError
 
 __all__ = ["dense_data_path", "sets_data_path", "main_perception_pairs", "run_data_path_bench", "format_markdown", "BenchStep"]
 
@@ -214,26 +216,49 @@ def _worker(cfg: dict) -> dict:
     from pepeseg3d_ns.benchmarks.contrast_step import build_model, make_recon_checkpoint
 
     torch.set_num_threads(int(cfg["threads"]))
+    device = cfg.get("device", "cpu")
+    cuda = device.startswith("cuda")
     folder = Path(cfg["inputs"])
     with tempfile.TemporaryDirectory(prefix="pepe_data_bench_") as tmp:
-        model, _ = build_model(make_recon_checkpoint(Path(tmp), 64), centroid_start=10**9, gate_warmup=0)
-    inputs = _read_inputs(folder, cfg["path"])
+        model, _ = build_model(make_recon_checkpoint(Path(tmp), 64), device=device, centroid_start=10**9,
+                               gate_warmup=0)
+    inputs = _read_inputs(folder, cfg["path"])  # on the host, as the datamanager holds them
     H, W = inputs["image"].shape[:2]
     g = torch.Generator().manual_seed(1)
-    F = torch.nn.functional.normalize(torch.randn(H, W, model.config.feature_dim, generator=g), dim=-1)
+    F = torch.nn.functional.normalize(torch.randn(H, W, model.config.feature_dim, generator=g), dim=-1).to(device)
     fn = _PATHS[cfg["path"]]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # the dense path draws on the host, as it did
 
     def step() -> Tuple[float, float]:
+        if cuda:
+            torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         loss = fn(model, F, inputs, gen)
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
         t, c = time.perf_counter() - t0, time.process_time() - c0
         model.zero_grad(set_to_none=True)
         return c, t
 
-    step()  # warm-up (lazy imports, first allocations)
+    step()  # warm-up (lazy imports, first allocations, CUDA kernels)
     runs = [step() for _ in range(int(cfg["repeats"]))]
+
+    def median(xs):
+        xs = sorted(xs)
+        n = len(xs)
+        return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+    timed = [t for _, t in runs] if cuda else [c for c, _ in runs]  # wall time on CUDA, CPU time on the CPU
+    row = {**cfg, "height": int(H), "width": int(W), "step_s": median(timed), "wall_s": median([t for _, t in runs]),
+           "min_s": min(timed), "loadavg": list(os.getloadavg())}
+    if cuda:  # the device allocator's peak above what the model and feature map already hold
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        step()
+        return {**row, "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "resident_mib": base / 2**20}
     # memory: every block above 64 KiB mapped and unmapped on its own, the free heap returned, the peak reset
     import ctypes
 
@@ -248,15 +273,7 @@ def _worker(cfg: dict) -> dict:
     step()
     step()
     peak = _proc_status("VmHWM") - base
-
-    def median(xs):
-        xs = sorted(xs)
-        n = len(xs)
-        return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-    return {**cfg, "height": int(H), "width": int(W), "step_s": median([c for c, _ in runs]),
-            "wall_s": median([t for _, t in runs]), "min_s": min(c for c, _ in runs), "peak_mib": peak / 2**20,
-            "resident_mib": base / 2**20, "loadavg": list(os.getloadavg())}
+    return {**row, "peak_mib": peak / 2**20, "resident_mib": base / 2**20}
 
 
 def _run_child(cfg: dict, timeout: float) -> dict:
@@ -279,14 +296,19 @@ def run_data_path_bench(
     threads: int = 1,
     timeout: float = 1200.0,
     log: bool = True,
+    device: str = "cpu",
 ) -> List[Dict]:
     """Time and peak memory of the data path for every (resolution ``(H, W)``, mask count, path), each in a fresh
-    process on CPU. Rows: ``path``, ``height``, ``width``, ``num_masks``, ``step_s`` (median CPU time),
-    ``wall_s`` (median wall time), ``min_s``,
-    ``peak_mib`` (a step's peak above the resident inputs and model), ``resident_mib``, or ``error``."""
+    process on ``device`` (``"cpu"`` or ``"cuda"``; the inputs start on the host, as the datamanager holds them).
+    Rows: ``path``, ``device``, ``height``, ``width``, ``num_masks``, ``step_s`` (median CPU time on the CPU, median
+    wall time with the device synchronised on CUDA), ``wall_s`` (median wall time), ``min_s``, ``peak_mib`` (a
+    step's peak above the resident inputs and model: resident set size on the CPU, the allocator's peak on CUDA),
+    ``resident_mib``, or ``error``."""
     for p in paths:
         if p not in _PATHS:
             raise ValueError(f"paths must be among {sorted(_PATHS)}, got {p!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     rows = []
@@ -296,7 +318,7 @@ def run_data_path_bench(
                 folder = write_inputs(Path(tmp) / f"{H}x{W}_{m}", (int(H), int(W)), int(m))
                 for p in paths:
                     cfg = {"path": p, "inputs": str(folder), "num_masks": int(m), "repeats": int(repeats),
-                           "threads": int(threads)}
+                           "threads": int(threads), "device": device}
                     row = _run_child(cfg, timeout)
                     row.setdefault("height", int(H))
                     row.setdefault("width", int(W))
@@ -379,7 +401,8 @@ def format_markdown(rows: Sequence[Dict]) -> str:
     def cell(r, key, fmt):
         return "error" if r is None or "error" in r else fmt.format(r[key] * (1e3 if key == "step_s" else 1))
 
-    lines = ["| image (W×H) | masks | dense CPU ms | sets CPU ms | dense peak MiB | sets peak MiB | time ratio | "
+    unit = "CPU ms" if all(r.get("device", "cpu") == "cpu" for r in rows) else "ms"
+    lines = [f"| image (W×H) | masks | dense {unit} | sets {unit} | dense peak MiB | sets peak MiB | time ratio | "
              "memory ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (w, h, m), d in by.items():
@@ -407,6 +430,8 @@ class BenchStep:
     """Timed steps per configuration; the median is reported."""
     threads: int = 1
     """Torch/OpenMP threads of each child process."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the model, feature map and step run; the inputs start on the host, as the datamanager holds them."""
     output: Optional[Path] = None
     """Also write the markdown table here."""
     json_output: Optional[Path] = None
@@ -418,6 +443,10 @@ class BenchStep:
         from pepeseg3d_ns.benchmarks import parse_sizes
 
         res = parse_sizes("--resolutions", self.resolutions)
+        if self.breakdown and self.device != "cpu":
+            raise UserError("--breakdown times the parts of the step on the CPU only; drop --device")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA device here; run with --device cpu")
         if self.breakdown:
             parts = sets_breakdown(res[0], self.num_masks[-1], self.repeats, self.threads)
             h, w = res[0]
@@ -427,7 +456,7 @@ class BenchStep:
                 print(f"| {k} | {v * 1e3:.1f} |")
             print(f"| total | {sum(parts.values()) * 1e3:.1f} |")
             return
-        rows = run_data_path_bench(res, self.num_masks, self.paths, self.repeats, self.threads)
+        rows = run_data_path_bench(res, self.num_masks, self.paths, self.repeats, self.threads, device=self.device)
         md = format_markdown(rows)
         print(md)
         if self.output is not None:
