@@ -198,10 +198,18 @@ class Benchmark:
     """Training seeds (synthetic scenes: also the seed of the simulated priors)."""
     threshold: float = 0.7
     """Cosine similarity to the query from which a pixel is in the segment."""
+    merge: Tuple[Path, ...] = ()
+    """Instead of training: combine these benchmark.json files (other scenes, seeds or rows of the same settings)
+    into one report in OUTPUT_DIR."""
 
     def main(self) -> None:
-        from pepeseg3d_ns.eval.benchmark import run_benchmark
+        from pepeseg3d_ns.eval.benchmark import merge_reports, run_benchmark
 
+        if self.merge:
+            merge_reports(self.merge, self.output_dir)
+            print((self.output_dir / "benchmark.md").read_text())
+            print(f"written to {self.output_dir / 'benchmark.md'}, benchmark.json and consistency.png")
+            return
         check_count("--resolution", self.resolution, minimum=4)
         check_count("--n-views", self.n_views, minimum=2)
         check_count("--recon-steps", self.recon_steps)

@@ -115,3 +115,54 @@ def test_rows_and_seeds_end_to_end(tmp_path):
     assert "| + consistency (full) | 2 | " in (tmp_path / "benchmark.md").read_text()
     stored = json.loads((tmp_path / "benchmark.json").read_text())
     assert len(stored["results"]) == 4 and stored["summary"]["iou"]["full"]["objects"]["n_seeds"] == 2
+
+
+def test_merge_combines_scenes_and_seeds_of_separate_runs(tmp_path, capsys):
+    """Two benchmark.json files of one setting (scene a seed 0, scene b seeds 0 and 1, written by write_report as two
+    processes would): the merged report pools both scenes and both seeds, its interval equals the one computed on all
+    results at once, and a differing setting or conflicting scores are refused with the file named."""
+    import numpy as np
+
+    from pepeseg3d_ns.cli import Benchmark
+    from pepeseg3d_ns.errors import UserError
+    from pepeseg3d_ns.eval.benchmark import merge_reports, suite_summary, write_report
+
+    rng = np.random.default_rng(1)
+    key = {"resolution": 128, "n_views": 40, "eval_interval": 8}
+    every = []
+    for scene, seeds in (("a", (0,)), ("b", (0, 1))):
+        part = []
+        for seed in seeds:
+            objs = {f"o{k}": float(v) for k, v in enumerate(rng.uniform(0.3, 0.9, 12))}
+            part += [_suite_result(scene, "baseline", seed, {"objects": objs}),
+                     _suite_result(scene, "full", seed, {"objects": {o: v + 0.05 for o, v in objs.items()}})]
+        write_report(part, tmp_path / scene, key)
+        every += part
+    merged = merge_reports([tmp_path / "a" / "benchmark.json", tmp_path / "b" / "benchmark.json"], tmp_path / "m")
+    assert len(merged) == len(every) == 6
+    out = json.loads((tmp_path / "m" / "benchmark.json").read_text())
+    assert out["settings"] == key and out["seeds"] == [0, 1]
+    alone = suite_summary(every)["full"]["objects"]
+    got = out["summary"]["iou"]["full"]["objects"]
+    assert (got["n_seeds"], got["n_objects"]) == (2, 24)
+    assert got["mean"] == pytest.approx(alone["mean"]) and got["lo"] == pytest.approx(alone["lo"])
+    assert got["delta"]["mean"] == pytest.approx(0.05)
+    # scene a alone would say one scene; the merged report says two
+    assert "of 2 scene(s)" in (tmp_path / "m" / "benchmark.md").read_text()
+    # the same file twice is harmless; the CLI prints the merged table
+    Benchmark(output_dir=tmp_path / "m2", merge=(tmp_path / "a" / "benchmark.json",) * 2).main()
+    assert "| FULL | 1 |" in capsys.readouterr().out
+
+    other = json.loads((tmp_path / "b" / "benchmark.json").read_text())
+    other["settings"] = {**key, "resolution": 256}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match=r"other.json: its settings differ .* resolution \(256 vs 128\)"):
+        merge_reports([tmp_path / "a" / "benchmark.json", tmp_path / "other.json"], tmp_path / "x")
+    clash = json.loads((tmp_path / "a" / "benchmark.json").read_text())
+    clash["results"][0]["per_object"]["objects"]["o0"]["iou"] = 0.0
+    (tmp_path / "clash.json").write_text(json.dumps(clash))
+    with pytest.raises(UserError, match="clash.json: scene 'a', row 'baseline', seed 0 is also in"):
+        merge_reports([tmp_path / "a" / "benchmark.json", tmp_path / "clash.json"], tmp_path / "x")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="bad.json: not a benchmark.json"):
+        merge_reports([tmp_path / "bad.json"], tmp_path / "x")

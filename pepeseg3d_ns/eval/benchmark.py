@@ -452,13 +452,59 @@ def run_benchmark(output_dir: Path = Path("benchmark_out"), scenes: Sequence[str
             run_scene(scene_dir, out_dirs[-1], settings, rows, "synthetic", progress)
     key = settings.key()
     results = [r for d in out_dirs for r in _load_results(d / "results.json").values() if r.get("settings") == key]
+    write_report(results, output_dir, key)
+    return results
+
+
+def write_report(results: Sequence[Dict], output_dir: Path, settings_key: Dict[str, object]) -> None:
+    """Write ``benchmark.md`` (suite table with intervals, paired differences, per-scene table), ``benchmark.json``
+    (``settings_key``, the seeds present, the summary and every result) and ``consistency.png`` into
+    ``output_dir`` for ``results`` (dicts as :func:`run_scene` stores them)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    n_scenes = len({r["scene"] for r in results})
+    seeds = sorted({r["seed"] for r in results if r.get("seed") is not None})
     table = "\n".join([
-        f"Mean over seeds and every object of {len(out_dirs)} scene(s), 95 % bootstrap interval over objects and seeds.",
+        f"Mean over seeds and every object of {n_scenes} scene(s), 95 % bootstrap interval over objects and seeds.",
         "", format_suite_table(results), "mBIoU:", "", format_suite_table(results, metric="biou"),
         "Per scene (mean over seeds):", "", format_table(results)])
     (output_dir / "benchmark.md").write_text(table)
     (output_dir / "benchmark.json").write_text(json.dumps(
-        {"settings": key, "seeds": list(settings.seeds), "summary": {"iou": suite_summary(results)},
-         "results": results}, indent=1))
+        {"settings": settings_key, "seeds": seeds, "summary": {"iou": suite_summary(results)},
+         "results": list(results)}, indent=1))
     consistency_figure(results, output_dir / "consistency.png")
+
+
+def merge_reports(paths: Sequence[Path], output_dir: Path) -> List[Dict]:
+    """Combine the results of several ``benchmark.json`` files (other scenes, seeds or rows, from other processes
+    or machines) into one report in ``output_dir`` (:func:`write_report`). Every file must hold the same settings;
+    a (scene, row, seed) found in two files must carry the same scores there. Returns the merged results."""
+    from pepeseg3d_ns.errors import UserError
+
+    if not paths:
+        raise UserError("--merge needs at least one benchmark.json")
+    key, merged, origin = None, {}, {}
+    for path in paths:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            file_key, results = data["settings"], data["results"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"--merge {path}: not a benchmark.json written by pepeseg3d benchmark ({err})") from None
+        if key is None:
+            key, first = file_key, path
+        elif file_key != key:
+            diff = sorted(k for k in set(key) | set(file_key) if key.get(k) != file_key.get(k))
+            raise UserError(f"--merge {path}: its settings differ from {first}'s in "
+                            + ", ".join(f"{k} ({file_key.get(k)!r} vs {key.get(k)!r})" for k in diff)
+                            + "; merge only runs of one setting")
+        for r in results:
+            ident = (r["scene"], r.get("row_id", r["row"]), r.get("seed"))
+            if ident in merged and merged[ident].get("per_object") != r.get("per_object"):
+                raise UserError(f"--merge {path}: scene {ident[0]!r}, row {ident[1]!r}, seed {ident[2]} is also in "
+                                f"{origin[ident]} with other scores; keep one of the two files")
+            merged.setdefault(ident, r)
+            origin.setdefault(ident, path)
+    results = list(merged.values())
+    write_report(results, output_dir, key)
     return results
