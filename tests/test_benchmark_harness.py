@@ -166,3 +166,12 @@ def test_merge_combines_scenes_and_seeds_of_separate_runs(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserError, match="bad.json: not a benchmark.json"):
         merge_reports([tmp_path / "bad.json"], tmp_path / "x")
+    # a scene folder's results.json (a list of results, each with its settings) merges like a benchmark.json
+    rows_b = [{**r, "settings": key} for r in json.loads((tmp_path / "b" / "benchmark.json").read_text())["results"]]
+    (tmp_path / "results.json").write_text(json.dumps(rows_b))
+    again = merge_reports([tmp_path / "a" / "benchmark.json", tmp_path / "results.json"], tmp_path / "m3")
+    assert len(again) == 6
+    rows_b[0]["settings"] = {**key, "n_views": 80}
+    (tmp_path / "results.json").write_text(json.dumps(rows_b))
+    with pytest.raises(UserError, match=r"results.json: its settings differ .* n_views \(80 vs 40\)"):
+        merge_reports([tmp_path / "a" / "benchmark.json", tmp_path / "results.json"], tmp_path / "x")

@@ -477,8 +477,10 @@ def write_report(results: Sequence[Dict], output_dir: Path, settings_key: Dict[s
 
 def merge_reports(paths: Sequence[Path], output_dir: Path) -> List[Dict]:
     """Combine the results of several ``benchmark.json`` files (other scenes, seeds or rows, from other processes
-    or machines) into one report in ``output_dir`` (:func:`write_report`). Every file must hold the same settings;
-    a (scene, row, seed) found in two files must carry the same scores there. Returns the merged results."""
+    or machines) into one report in ``output_dir`` (:func:`write_report`). A scene's ``results.json`` (the rows
+    of one scene folder finished so far, e.g. of an interrupted run) is read too. Every result must have the same
+    settings; a (scene, row, seed) found in two files must carry the same scores there. Returns the merged
+    results."""
     from pepeseg3d_ns.errors import UserError
 
     if not paths:
@@ -488,16 +490,25 @@ def merge_reports(paths: Sequence[Path], output_dir: Path) -> List[Dict]:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-            file_key, results = data["settings"], data["results"]
+            if isinstance(data, list):  # a scene folder's results.json: every result carries its settings
+                results = data
+                keys = [r["settings"] for r in results]
+            else:
+                results = data["results"]
+                keys = [data["settings"]]
+            if not all(isinstance(r, dict) and "scene" in r and "row" in r for r in results):
+                raise ValueError("a result without scene or row")
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"--merge {path}: not a benchmark.json written by pepeseg3d benchmark ({err})") from None
-        if key is None:
-            key, first = file_key, path
-        elif file_key != key:
-            diff = sorted(k for k in set(key) | set(file_key) if key.get(k) != file_key.get(k))
-            raise UserError(f"--merge {path}: its settings differ from {first}'s in "
-                            + ", ".join(f"{k} ({file_key.get(k)!r} vs {key.get(k)!r})" for k in diff)
-                            + "; merge only runs of one setting")
+            raise UserError(f"--merge {path}: not a benchmark.json or results.json written by pepeseg3d benchmark "
+                            f"({err})") from None
+        for file_key in keys:
+            if key is None:
+                key, first = file_key, path
+            elif file_key != key:
+                diff = sorted(k for k in set(key) | set(file_key) if key.get(k) != file_key.get(k))
+                raise UserError(f"--merge {path}: its settings differ from {first}'s in "
+                                + ", ".join(f"{k} ({file_key.get(k)!r} vs {key.get(k)!r})" for k in diff)
+                                + "; merge only runs of one setting")
         for r in results:
             ident = (r["scene"], r.get("row_id", r["row"]), r.get("seed"))
             if ident in merged and merged[ident].get("per_object") != r.get("per_object"):
