@@ -175,3 +175,44 @@ def test_merge_combines_scenes_and_seeds_of_separate_runs(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps(rows_b))
     with pytest.raises(UserError, match=r"results.json: its settings differ .* n_views \(80 vs 40\)"):
         merge_reports([tmp_path / "a" / "benchmark.json", tmp_path / "results.json"], tmp_path / "x")
+
+
+def test_one_row_per_departure_from_the_paper():
+    """Every setting of pepeseg3d_ns/paper.py has a with-paper-... row that changes exactly that setting (to the
+    paper's value) on a real pepe-contrast / pepe-recon config, so a departure added to paper.py without its row, or
+    a row that sets nothing, fails here."""
+    import copy
+
+    from pepeseg3d_ns.eval.benchmark import RECON, ROWS, apply_row
+    from pepeseg3d_ns.methods import pepe_contrast, pepe_recon
+    from pepeseg3d_ns.paper import PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_GATE_LR, PAPER_RECON_MODEL
+
+    def changed(before, after):
+        fields = [f for f in vars(before) if not f.startswith("_")]
+        return {f for f in fields if getattr(before, f) != getattr(after, f)}
+
+    covered = set()
+    for row_id, spec in ROWS.items():
+        if not row_id.startswith("with-paper-"):
+            continue
+        cc = copy.deepcopy(pepe_contrast.config)
+        apply_row(cc, spec, row_id)
+        model = changed(pepe_contrast.config.pipeline.model, cc.pipeline.model)
+        pipe = changed(pepe_contrast.config.pipeline, cc.pipeline) - {"model"}
+        lr = cc.optimizers["scale_gate"]["optimizer"].lr
+        rc = copy.deepcopy(pepe_recon.config)
+        for k, v in RECON[spec.geometry].items():
+            setattr(rc.pipeline.model, k, v)
+        recon = changed(pepe_recon.config.pipeline.model, rc.pipeline.model)
+        assert model | pipe | recon or lr == PAPER_GATE_LR != pepe_contrast.config.optimizers["scale_gate"]["optimizer"].lr, row_id
+        for f in model:
+            assert getattr(cc.pipeline.model, f) == PAPER_CONTRAST_MODEL[f], (row_id, f)
+        for f in pipe:
+            assert getattr(cc.pipeline, f) == PAPER_CONTRAST_PIPELINE[f], (row_id, f)
+        for f in recon:
+            assert getattr(rc.pipeline.model, f) == PAPER_RECON_MODEL[f], (row_id, f)
+        if lr == PAPER_GATE_LR:
+            covered.add("gate_lr")
+        covered |= model | pipe | recon
+    assert covered == set(PAPER_CONTRAST_MODEL) | set(PAPER_CONTRAST_PIPELINE) | set(PAPER_RECON_MODEL) | {"gate_lr"}
+    assert all(ROWS[r].geometry in RECON for r in ROWS)

@@ -12,6 +12,10 @@ Per scene and seed: one pepe-recon run per geometry the rows need, then one pepe
 | ``perception`` | + perception loss | PePE | Lm + Lp + L2D |
 | ``full`` | + consistency (full) | PePE | Lm + Lp + Lc + L2D (the defaults: "ours") |
 | ``paper-exact`` | paper-exact | paper-exact recon | paper-exact contrast |
+| ``with-paper-<option>`` | ours, paper's <option> | PePE (or PePE with that recon option) | ours with that one option at the paper's value |
+
+The ``with-paper-...`` rows (one per departure listed in :mod:`pepeseg3d_ns.paper`) measure each of our defaults
+against the paper's value on its own.
 
 A row is a dict of config overrides, so a new row is one entry of :data:`ROWS` (and :data:`RECON` for a new
 geometry); an override naming an option the model config lacks is an error, not a silent no-op.
@@ -49,12 +53,15 @@ from pepeseg3d_ns.eval.stats import bootstrap_interval
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One benchmark row: a label, the pepe-recon geometry it trains on (a key of :data:`RECON`) and the
-    pepe-contrast model options it overrides."""
+    """One benchmark row: a label, the pepe-recon geometry it trains on (a key of :data:`RECON`), the
+    pepe-contrast model options and pipeline options it overrides, and optionally the scale gate's learning
+    rate."""
 
     label: str
     geometry: str
     contrast: Dict[str, object] = field(default_factory=dict)
+    pipeline: Dict[str, object] = field(default_factory=dict)
+    gate_lr: Optional[float] = None
 
 
 NO_LC = {"lambda_c_upper": 0.0, "lambda_c_lower": 0.0}
@@ -75,6 +82,50 @@ RECON: Dict[str, Dict[str, object]] = {
     "paper-exact": {"paper_exact": True},
 }
 """Geometry name -> pepe-recon model options it overrides."""
+PAPER_OPTION_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "pixels": ("num_sample_pixels", "num_pairs"),
+    "bank": ("centroid_max_size", "centroid_stale_after"),
+}
+"""Departures that are one choice made of two options, reverted together by one ``with-paper-...`` row."""
+
+
+def _paper_option_rows() -> Dict[str, RowSpec]:
+    """One row per departure from the paper (:mod:`pepeseg3d_ns.paper`): ours (the ``full`` row) with that one
+    setting back at the paper's value; id ``with-paper-<option>``. A recon departure adds its geometry to
+    :data:`RECON` (``pepe-with-paper-<option>``)."""
+    from pepeseg3d_ns.paper import PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_GATE_LR, PAPER_RECON_MODEL
+
+    def rid(name: str) -> str:
+        return "with-paper-" + name.replace("_", "-")
+
+    rows: Dict[str, RowSpec] = {}
+    grouped = {f for fields in PAPER_OPTION_GROUPS.values() for f in fields}
+    for name, fields in PAPER_OPTION_GROUPS.items():
+        rows[rid(name)] = RowSpec(f"ours, paper's {' + '.join(fields)}", "pepe",
+                                  {f: PAPER_CONTRAST_MODEL[f] for f in fields})
+    for f, v in PAPER_CONTRAST_MODEL.items():
+        if f not in grouped:
+            rows[rid(f)] = RowSpec(f"ours, paper's {f}", "pepe", {f: v})
+    for f, v in PAPER_CONTRAST_PIPELINE.items():
+        rows[rid(f)] = RowSpec(f"ours, paper's {f}", "pepe", pipeline={f: v})
+    rows[rid("gate_lr")] = RowSpec("ours, paper's scale-gate lr", "pepe", gate_lr=PAPER_GATE_LR)
+    for f, v in PAPER_RECON_MODEL.items():
+        geometry = "pepe-" + rid(f)  # a folder name: recon_<geometry>_seed<k>
+        RECON[geometry] = {f: v}
+        rows[rid(f)] = RowSpec(f"ours, paper's {f}", geometry)
+    return rows
+
+
+ROWS.update(_paper_option_rows())
+
+
+def apply_row(contrast_config, spec: RowSpec, what: str) -> None:
+    """Set a row's pepe-contrast overrides (model options, pipeline options, scale-gate lr) on a nerfstudio
+    ``TrainerConfig`` of pepe-contrast, in place."""
+    _apply(contrast_config.pipeline.model, spec.contrast, what)
+    _apply(contrast_config.pipeline, spec.pipeline, what, prefix="--pipeline.")
+    if spec.gate_lr is not None:
+        contrast_config.optimizers["scale_gate"]["optimizer"].lr = spec.gate_lr
 TRIVIAL = {"bbox": "trivial: reference mask's box", "foreground": "trivial: all foreground"}
 """Trivial predictors scored per scene (kind of :func:`~pepeseg3d_ns.eval.propagation.trivial_baseline` -> label)."""
 CONSISTENT_IOU = 0.5
@@ -118,10 +169,10 @@ def consistency(records: Sequence[Dict], level: Optional[str] = None, iou_min: f
     return float(np.mean([r["iou"] >= iou_min for r in rs])) if rs else float("nan")
 
 
-def _apply(model_config, overrides: Dict[str, object], what: str) -> None:
+def _apply(model_config, overrides: Dict[str, object], what: str, prefix: str = "--pipeline.model.") -> None:
     for k, v in overrides.items():
         if not hasattr(model_config, k):
-            raise ValueError(f"{what} sets --pipeline.model.{k.replace('_', '-')}, which "
+            raise ValueError(f"{what} sets {prefix}{k.replace('_', '-')}, which "
                              f"{type(model_config).__name__} does not have (add the option, or change ROWS / RECON "
                              "in pepeseg3d_ns/eval/benchmark.py)")
         setattr(model_config, k, v)
@@ -247,7 +298,7 @@ def run_scene(scene_dir: Path, out_dir: Path, settings: BenchmarkSettings, rows:
             cc = make_contrast_config(recon_cfg, out_dir / "runs", settings.contrast_steps, settings.device, seed,
                                       timestamp=f"contrast_{row_id}_seed{seed}")
             configure(cc, seed)
-            _apply(cc.pipeline.model, spec.contrast, f"row {row_id!r}")
+            apply_row(cc, spec, f"row {row_id!r}")
             cpath = cc.get_base_dir() / "config.yml"
             train_s = _train(cc) if not finished_run(cc, settings.contrast_steps) else float("nan")
             t0 = time.perf_counter()
