@@ -207,22 +207,19 @@ class Benchmark:
 
         if self.merge:
             merge_reports(self.merge, self.output_dir)
-            print((self.output_dir / "benchmark.md").read_text())
-            print(f"written to {self.output_dir / 'benchmark.md'}, benchmark.json and consistency.png")
-            return
-        check_count("--resolution", self.resolution, minimum=4)
-        check_count("--n-views", self.n_views, minimum=2)
-        check_count("--recon-steps", self.recon_steps)
-        check_count("--contrast-steps", self.contrast_steps)
-        check_threshold("--threshold", self.threshold)
-        if self.data is not None and not self.data.is_dir():
-            raise UserError(f"--data {self.data}: not a folder (expected a scene folder with its priors cache)")
-
-        for seed in self.seeds:
-            check_count("--seeds", seed, minimum=0)
-        settings = BenchmarkSettings(self.resolution, self.n_views, self.eval_interval, self.recon_steps,
-                                     self.contrast_steps, self.device, tuple(self.seeds), self.threshold)
-        run_benchmark(self.output_dir, self.scenes, settings, self.rows, self.data, self.dataparser)
+        else:
+            check_count("--resolution", self.resolution, minimum=4)
+            check_count("--n-views", self.n_views, minimum=2)
+            check_count("--recon-steps", self.recon_steps)
+            check_count("--contrast-steps", self.contrast_steps)
+            check_threshold("--threshold", self.threshold)
+            if self.data is not None and not self.data.is_dir():
+                raise UserError(f"--data {self.data}: not a folder (expected a scene folder with its priors cache)")
+            for seed in self.seeds:
+                check_count("--seeds", seed, minimum=0)
+            settings = BenchmarkSettings(self.resolution, self.n_views, self.eval_interval, self.recon_steps,
+                                         self.contrast_steps, self.device, tuple(self.seeds), self.threshold)
+            run_benchmark(self.output_dir, self.scenes, settings, self.rows, self.data, self.dataparser)
         print((self.output_dir / "benchmark.md").read_text())
         print(f"written to {self.output_dir / 'benchmark.md'}, benchmark.json and consistency.png")
 

@@ -37,6 +37,7 @@ import os
 import sys
 import tempfile
 import time
+from statistics import median
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
@@ -243,11 +244,6 @@ def _worker(cfg: dict) -> dict:
 
     step()  # warm-up (lazy imports, first allocations, CUDA kernels)
     runs = [step() for _ in range(int(cfg["repeats"]))]
-
-    def median(xs):
-        xs = sorted(xs)
-        n = len(xs)
-        return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
     timed = [t for _, t in runs] if cuda else [c for c, _ in runs]  # wall time on CUDA, CPU time on the CPU
     row = {**cfg, "height": int(H), "width": int(W), "step_s": median(timed), "wall_s": median([t for _, t in runs]),
