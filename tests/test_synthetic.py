@@ -415,3 +415,31 @@ def test_scene_preview_is_labelled(scene_dir: Path, tmp_path: Path):
     # the content below is unchanged: the first view's image, enlarged 2x
     rgb = np.asarray(Image.open(scene_dir / "images" / "frame_00000.png").convert("RGB"))
     assert np.array_equal(img[band_h:band_h + RES * 2:2, :RES * 2:2], rgb)
+
+
+def test_iou_by_width_bins_each_object_by_its_own_width(tmp_path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("iou_by_width", Path(__file__).parents[1] / "scripts" / "iou_by_width.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    scene = tmp_path / "scenes" / "hand-made"
+    (scene / "gt" / "parts").mkdir(parents=True)
+    ids = np.zeros((30, 30), np.uint16)
+    ids[2:28, 3:6] = 1  # a stripe 3 px wide
+    ids[10:21, 12:23] = 2  # an 11 x 11 square
+    Image.fromarray(ids).save(scene / "gt" / "parts" / "frame_00000.png")
+    (scene / "transforms.json").write_text(json.dumps({"frames": [{"file_path": "images/frame_00000.png"}]}))
+    rows = [{"id": 0, "name": "background", "parent": 0}, {"id": 1, "name": "a/stripe", "parent": 1},
+            {"id": 2, "name": "a/square", "parent": 1}]
+    (scene / "gt" / "hierarchy.json").write_text(json.dumps({"parts": rows}))
+    rec = {"row_id": "full", "scene": "hand-made",
+           "per_object": {"parts": {"1": {"iou": 0.2}, "2": {"iou": 0.9}}},
+           "choices": [{"level": "parts", "object": "1", "reference_iou": 0.3},
+                       {"level": "parts", "object": "2", "reference_iou": 0.95}]}
+    other = {**rec, "row_id": "baseline", "per_object": {"parts": {"1": {"iou": 0.7}, "2": {"iou": 0.1}}}}
+    by = mod.rows_by_width([rec, other], [tmp_path / "elsewhere", tmp_path / "scenes"], "full")
+    assert sorted(by["parts"]) == [(3.0, 0.2, 0.3), (11.0, 0.9, 0.95)]
+    table = mod.format_tables(by)
+    assert "| 3–5 px | 1 | 0.200 | 0.300 |" in table and "| > 10 px | 1 | 0.900 | 0.950 |" in table
+    assert "≤ 2 px" not in table  # empty bins are left out
