@@ -175,8 +175,8 @@ class Decompose:
 class Benchmark:
     """Segmentation benchmark (paper Table 3 rows, or any row of eval/benchmark.py's ROWS) by label propagation:
     the synthetic suite, or one SPIn-NeRF / LERF-Mask scene with --data; every row trained for each seed. Writes
-    OUTPUT_DIR/benchmark.md (mean and 95 % interval per level, paired differences to the baseline, per-scene
-    table), benchmark.json (every per-object score) and consistency.png; finished runs are reused."""
+    OUTPUT_DIR/benchmark.md (mean and 95 % interval per level, paired differences to the --reference row,
+    per-scene table), benchmark.json (every per-object score) and consistency.png; finished runs are reused."""
 
     output_dir: Path = Path("benchmark_out")
     scenes: Tuple[str, ...] = SUITE_SCENES
@@ -201,12 +201,14 @@ class Benchmark:
     merge: Tuple[Path, ...] = ()
     """Instead of training: combine these benchmark.json files (other scenes, seeds or rows of the same settings)
     into one report in OUTPUT_DIR."""
+    reference: BenchmarkRow = "baseline"
+    """Row the report's paired differences are taken to (e.g. full, to compare each with-paper row with ours)."""
 
     def main(self) -> None:
         from pepeseg3d_ns.eval.benchmark import merge_reports, run_benchmark
 
         if self.merge:
-            merge_reports(self.merge, self.output_dir)
+            merge_reports(self.merge, self.output_dir, self.reference)
         else:
             check_count("--resolution", self.resolution, minimum=4)
             check_count("--n-views", self.n_views, minimum=2)
@@ -219,7 +221,8 @@ class Benchmark:
                 check_count("--seeds", seed, minimum=0)
             settings = BenchmarkSettings(self.resolution, self.n_views, self.eval_interval, self.recon_steps,
                                          self.contrast_steps, self.device, tuple(self.seeds), self.threshold)
-            run_benchmark(self.output_dir, self.scenes, settings, self.rows, self.data, self.dataparser)
+            run_benchmark(self.output_dir, self.scenes, settings, self.rows, self.data, self.dataparser,
+                          reference=self.reference)
         print((self.output_dir / "benchmark.md").read_text())
         print(f"written to {self.output_dir / 'benchmark.md'}, benchmark.json and consistency.png")
 

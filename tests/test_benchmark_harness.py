@@ -149,6 +149,14 @@ def test_merge_combines_scenes_and_seeds_of_separate_runs(tmp_path, capsys):
     assert got["delta"]["mean"] == pytest.approx(0.05)
     # scene a alone would say one scene; the merged report says two
     assert "of 2 scene(s)" in (tmp_path / "m" / "benchmark.md").read_text()
+    # differences to another row: baseline - full is the same 0.05 with the sign turned; an absent row is refused
+    merge_reports([tmp_path / "a" / "benchmark.json", tmp_path / "b" / "benchmark.json"], tmp_path / "r", "full")
+    by_full = json.loads((tmp_path / "r" / "benchmark.json").read_text())
+    assert by_full["reference"] == "full" and "delta" not in by_full["summary"]["iou"]["full"]["objects"]
+    assert by_full["summary"]["iou"]["baseline"]["objects"]["delta"]["mean"] == pytest.approx(-0.05)
+    assert "Paired difference to *FULL*" in (tmp_path / "r" / "benchmark.md").read_text()
+    with pytest.raises(UserError, match="--reference paper-exact: no result of that row"):
+        merge_reports([tmp_path / "a" / "benchmark.json"], tmp_path / "x", "paper-exact")
     # the same file twice is harmless; the CLI prints the merged table
     Benchmark(output_dir=tmp_path / "m2", merge=(tmp_path / "a" / "benchmark.json",) * 2).main()
     assert "| FULL | 1 |" in capsys.readouterr().out

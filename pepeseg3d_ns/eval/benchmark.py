@@ -475,13 +475,14 @@ def scene_folder_name(scene: str, settings: BenchmarkSettings) -> str:
 
 def run_benchmark(output_dir: Path = Path("benchmark_out"), scenes: Sequence[str] = SUITE_SCENES,
                   settings: BenchmarkSettings = BenchmarkSettings(), rows: Sequence[str] = (), data: Optional[Path] = None,
-                  dataparser: str = "synthetic", progress: bool = True) -> List[Dict]:
+                  dataparser: str = "synthetic", progress: bool = True, reference: str = "baseline") -> List[Dict]:
     """The synthetic suite (every scene in ``scenes``, synthesised with simulated priors per seed) or, with
     ``data``, one existing scene folder read by ``dataparser`` (its priors cache must exist: ``pepeseg3d
     priors``). Writes ``<output_dir>/benchmark.md`` (suite table with intervals, paired differences, per-scene
     table), ``benchmark.json`` (settings, summary and every result with its per-object scores) and
     ``consistency.png``; the tables hold every finished result of these scenes with these settings, also rows
-    and seeds of earlier invocations. Returns those results."""
+    and seeds of earlier invocations, and the paired differences are to row ``reference``. Returns those
+    results."""
     from pepeseg3d_ns.data.synthetic import SynthConfig, generate_scene
 
     rows = _check_rows(rows)
@@ -503,35 +504,38 @@ def run_benchmark(output_dir: Path = Path("benchmark_out"), scenes: Sequence[str
             run_scene(scene_dir, out_dirs[-1], settings, rows, "synthetic", progress)
     key = settings.key()
     results = [r for d in out_dirs for r in _load_results(d / "results.json").values() if r.get("settings") == key]
-    write_report(results, output_dir, key)
+    write_report(results, output_dir, key, reference)
     return results
 
 
-def write_report(results: Sequence[Dict], output_dir: Path, settings_key: Dict[str, object]) -> None:
-    """Write ``benchmark.md`` (suite table with intervals, paired differences, per-scene table), ``benchmark.json``
-    (``settings_key``, the seeds present, the summary and every result) and ``consistency.png`` into
-    ``output_dir`` for ``results`` (dicts as :func:`run_scene` stores them)."""
+def write_report(results: Sequence[Dict], output_dir: Path, settings_key: Dict[str, object],
+                 reference: str = "baseline") -> None:
+    """Write ``benchmark.md`` (suite table with intervals, paired differences to row ``reference``, per-scene
+    table), ``benchmark.json`` (``settings_key``, the seeds present, the summary and every result) and
+    ``consistency.png`` into ``output_dir`` for ``results`` (dicts as :func:`run_scene` stores them)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     n_scenes = len({r["scene"] for r in results})
     seeds = sorted({r["seed"] for r in results if r.get("seed") is not None})
     table = "\n".join([
         f"Mean over seeds and every object of {n_scenes} scene(s), 95 % bootstrap interval over objects and seeds.",
-        "", format_suite_table(results), "mBIoU:", "", format_suite_table(results, metric="biou"),
+        "", format_suite_table(results, reference=reference), "mBIoU:", "",
+        format_suite_table(results, metric="biou", reference=reference),
         "Per scene (mean over seeds):", "", format_table(results)])
     (output_dir / "benchmark.md").write_text(table)
     (output_dir / "benchmark.json").write_text(json.dumps(
-        {"settings": settings_key, "seeds": seeds, "summary": {"iou": suite_summary(results)},
+        {"settings": settings_key, "seeds": seeds, "reference": reference,
+         "summary": {"iou": suite_summary(results, reference=reference)},
          "results": list(results)}, indent=1))
     consistency_figure(results, output_dir / "consistency.png")
 
 
-def merge_reports(paths: Sequence[Path], output_dir: Path) -> List[Dict]:
+def merge_reports(paths: Sequence[Path], output_dir: Path, reference: str = "baseline") -> List[Dict]:
     """Combine the results of several ``benchmark.json`` files (other scenes, seeds or rows, from other processes
     or machines) into one report in ``output_dir`` (:func:`write_report`). A scene's ``results.json`` (the rows
     of one scene folder finished so far, e.g. of an interrupted run) is read too. Every result must have the same
-    settings; a (scene, row, seed) found in two files must carry the same scores there. Returns the merged
-    results."""
+    settings; a (scene, row, seed) found in two files must carry the same scores there. The paired differences
+    are to row ``reference``. Returns the merged results."""
     from pepeseg3d_ns.errors import UserError
 
     if not paths:
@@ -568,5 +572,7 @@ def merge_reports(paths: Sequence[Path], output_dir: Path) -> List[Dict]:
             merged.setdefault(ident, r)
             origin.setdefault(ident, path)
     results = list(merged.values())
-    write_report(results, output_dir, key)
+    if not any(r.get("row_id", r["row"]) == reference for r in results):
+        raise UserError(f"--reference {reference}: no result of that row in the merged files; name a row they hold")
+    write_report(results, output_dir, key, reference)
     return results
