@@ -89,6 +89,12 @@ def test_paper_exact_sets_every_listed_setting_and_only_when_asked():
     assert cfg.optimizers["scale_gate"]["optimizer"].lr == PAPER_GATE_LR
     assert len(changes) == sum(defaults[k] != v for k, v in PAPER_CONTRAST_MODEL.items()) + 2
     assert apply_paper_settings(cfg) == []  # idempotent (a resumed run)
+    # an option whose default is the paper's value, changed by the run, is put back too
+    from pepeseg3d_ns.paper import OUR_ALTERNATIVES, PAPER_CONTRAST_MODEL_DEFAULTS
+
+    for k, v in OUR_ALTERNATIVES.items():
+        setattr(cfg.pipeline.model, k, v)
+    assert sorted(apply_paper_settings(cfg)) == sorted(f"{k}={v}" for k, v in PAPER_CONTRAST_MODEL_DEFAULTS.items())
 
     from pepeseg3d_ns.methods import pepe_recon
 

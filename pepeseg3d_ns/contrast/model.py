@@ -175,9 +175,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     then a pixel in it)."""
     mask_balance: float = 0.5
     """With pixel_sampling "mask": share of the pixels drawn mask-first (the rest uniformly); 0 = uniform."""
-    pixel_region: Literal["covered", "image"] = "covered"
-    """Where the step's pixels are drawn: "covered" (inside a mask with a known scale; every term uses them) or
-    "image" (anywhere, the paper's; Lm then pairs only the covered ones, Lp / Lc / L2D use all)."""
+    pixel_region: Literal["covered", "image"] = "image"
+    """Where the step's pixels are drawn: "image" (anywhere, the paper's; Lm pairs only the ones inside a mask with
+    a known scale, Lp / Lc / L2D use all) or "covered" (inside such a mask; every term uses them)."""
     num_pairs: int = 16384
     """Pixel pairs of Lm per step, each with its own uniform scale s (paper: 4096)."""
     hard_pair_fraction: float = 0.25
@@ -186,9 +186,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """Weight pairs by omega(p) omega(q) (eq. 7, inverse mean mask area, min-max to [1, 10]); False = all 1."""
     lambda_m: float = 1.0
     """[lambda_m] weight of the scale-aware contrastive loss Lm (0 = off)."""
-    lm_normalisation: Literal["weight", "mean"] = "weight"
-    """Lm's denominator: "weight" = the summed pair weight omega(p) omega(q) (a weighted average), "mean" = the
-    number of pairs (eq. 8)."""
+    lm_normalisation: Literal["weight", "mean"] = "mean"
+    """Lm's denominator: "mean" = the number of pairs (eq. 8), "weight" = the summed pair weight omega(p) omega(q)
+    (a weighted average)."""
     lambda_p: float = 0.2
     """[lambda_p] weight of the perception loss Lp (0 = off)."""
     lambda_c_upper: float = 0.3
@@ -217,8 +217,8 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """[delta] a candidate centroid merges (EMA) into an existing one above this cosine, else it is added."""
     centroid_tau: float = 0.9
     """[tau] a pixel is pulled to its nearest centroid when their cosine exceeds this."""
-    lc_normalisation: Literal["confident", "all"] = "confident"
-    """Lc's denominator: "confident" = the pixels pulled (cosine > tau), "all" = every sampled pixel (eq. 5)."""
+    lc_normalisation: Literal["confident", "all"] = "all"
+    """Lc's denominator: "all" = every sampled pixel (eq. 5), "confident" = the pixels pulled (cosine > tau)."""
     centroid_momentum: float = 0.9
     """EMA momentum of centroid merging."""
     cluster_max_points: int = 5000

@@ -92,8 +92,10 @@ PAPER_OPTION_GROUPS: Dict[str, Tuple[str, ...]] = {
 def _paper_option_rows() -> Dict[str, RowSpec]:
     """One row per departure from the paper (:mod:`pepeseg3d_ns.paper`): ours (the ``full`` row) with that one
     setting back at the paper's value; id ``with-paper-<option>``. A recon departure adds its geometry to
-    :data:`RECON` (``pepe-with-paper-<option>``)."""
-    from pepeseg3d_ns.paper import PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_GATE_LR, PAPER_RECON_MODEL
+    :data:`RECON` (``pepe-with-paper-<option>``). An option whose default is the paper's value gets a row with our
+    alternative instead (``with-ours-<option>``)."""
+    from pepeseg3d_ns.paper import (OUR_ALTERNATIVES, PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_GATE_LR,
+                                    PAPER_RECON_MODEL)
 
     def rid(name: str) -> str:
         return "with-paper-" + name.replace("_", "-")
@@ -113,6 +115,8 @@ def _paper_option_rows() -> Dict[str, RowSpec]:
         geometry = "pepe-" + rid(f)  # a folder name: recon_<geometry>_seed<k>
         RECON[geometry] = {f: v}
         rows[rid(f)] = RowSpec(f"ours, paper's {f}", geometry)
+    for f, v in OUR_ALTERNATIVES.items():
+        rows["with-ours-" + f.replace("_", "-")] = RowSpec(f"ours, {f} {v}", "pepe", {f: v})
     return rows
 
 
