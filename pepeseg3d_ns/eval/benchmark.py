@@ -97,8 +97,8 @@ def _paper_option_rows() -> Dict[str, RowSpec]:
     from pepeseg3d_ns.paper import (OUR_ALTERNATIVES, PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_GATE_LR,
                                     PAPER_RECON_MODEL)
 
-    def rid(name: str) -> str:
-        return "with-paper-" + name.replace("_", "-")
+    def rid(name: str, prefix: str = "with-paper-") -> str:
+        return prefix + name.replace("_", "-")
 
     rows: Dict[str, RowSpec] = {}
     grouped = {f for fields in PAPER_OPTION_GROUPS.values() for f in fields}
@@ -116,7 +116,7 @@ def _paper_option_rows() -> Dict[str, RowSpec]:
         RECON[geometry] = {f: v}
         rows[rid(f)] = RowSpec(f"ours, paper's {f}", geometry)
     for f, v in OUR_ALTERNATIVES.items():
-        rows["with-ours-" + f.replace("_", "-")] = RowSpec(f"ours, {f} {v}", "pepe", {f: v})
+        rows[rid(f, "with-ours-")] = RowSpec(f"ours, {f} {v}", "pepe", {f: v})
     return rows
 
 
