@@ -225,11 +225,10 @@ def test_one_row_per_departure_from_the_paper():
     assert covered == set(PAPER_CONTRAST_MODEL) | set(PAPER_CONTRAST_PIPELINE) | set(PAPER_RECON_MODEL) | {"gate_lr"}
     assert all(ROWS[r].geometry in RECON for r in ROWS)
     # options at the paper's value by default: one with-ours-... row each, setting exactly our alternative
-    from pepeseg3d_ns.paper import OUR_ALTERNATIVES, PAPER_CONTRAST_MODEL_DEFAULTS
+    from pepeseg3d_ns.paper import PAPER_DEFAULT_CONTRAST_MODEL
 
-    assert set(OUR_ALTERNATIVES) == set(PAPER_CONTRAST_MODEL_DEFAULTS)
-    for f, v in OUR_ALTERNATIVES.items():
-        assert getattr(pepe_contrast.config.pipeline.model, f) == PAPER_CONTRAST_MODEL_DEFAULTS[f] != v, f
+    for f, (paper, v) in PAPER_DEFAULT_CONTRAST_MODEL.items():
+        assert getattr(pepe_contrast.config.pipeline.model, f) == paper != v, f
         cc = copy.deepcopy(pepe_contrast.config)
         apply_row(cc, ROWS["with-ours-" + f.replace("_", "-")], f)
         assert changed(pepe_contrast.config.pipeline.model, cc.pipeline.model) == {f}

@@ -90,11 +90,11 @@ def test_paper_exact_sets_every_listed_setting_and_only_when_asked():
     assert len(changes) == sum(defaults[k] != v for k, v in PAPER_CONTRAST_MODEL.items()) + 2
     assert apply_paper_settings(cfg) == []  # idempotent (a resumed run)
     # an option whose default is the paper's value, changed by the run, is put back too
-    from pepeseg3d_ns.paper import OUR_ALTERNATIVES, PAPER_CONTRAST_MODEL_DEFAULTS
+    from pepeseg3d_ns.paper import PAPER_DEFAULT_CONTRAST_MODEL
 
-    for k, v in OUR_ALTERNATIVES.items():
-        setattr(cfg.pipeline.model, k, v)
-    assert sorted(apply_paper_settings(cfg)) == sorted(f"{k}={v}" for k, v in PAPER_CONTRAST_MODEL_DEFAULTS.items())
+    for k, (_, ours) in PAPER_DEFAULT_CONTRAST_MODEL.items():
+        setattr(cfg.pipeline.model, k, ours)
+    assert sorted(apply_paper_settings(cfg)) == sorted(f"{k}={p}" for k, (p, _) in PAPER_DEFAULT_CONTRAST_MODEL.items())
 
     from pepeseg3d_ns.methods import pepe_recon
 

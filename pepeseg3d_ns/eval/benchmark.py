@@ -94,8 +94,8 @@ def _paper_option_rows() -> Dict[str, RowSpec]:
     setting back at the paper's value; id ``with-paper-<option>``. A recon departure adds its geometry to
     :data:`RECON` (``pepe-with-paper-<option>``). An option whose default is the paper's value gets a row with our
     alternative instead (``with-ours-<option>``)."""
-    from pepeseg3d_ns.paper import (OUR_ALTERNATIVES, PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_GATE_LR,
-                                    PAPER_RECON_MODEL)
+    from pepeseg3d_ns.paper import (PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_DEFAULT_CONTRAST_MODEL,
+                                    PAPER_GATE_LR, PAPER_RECON_MODEL)
 
     def rid(name: str, prefix: str = "with-paper-") -> str:
         return prefix + name.replace("_", "-")
@@ -115,7 +115,7 @@ def _paper_option_rows() -> Dict[str, RowSpec]:
         geometry = "pepe-" + rid(f)  # a folder name: recon_<geometry>_seed<k>
         RECON[geometry] = {f: v}
         rows[rid(f)] = RowSpec(f"ours, paper's {f}", geometry)
-    for f, v in OUR_ALTERNATIVES.items():
+    for f, (_, v) in PAPER_DEFAULT_CONTRAST_MODEL.items():
         rows[rid(f, "with-ours-")] = RowSpec(f"ours, {f} {v}", "pepe", {f: v})
     return rows
 
