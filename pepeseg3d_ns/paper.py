@@ -65,11 +65,19 @@ PAPER_DEFAULT_CONTRAST_MODEL: Dict[str, Tuple[object, object]] = {
 """pepe-contrast model fields whose default is the paper's value -> (the paper's value, our alternative);
 paper-exact sets the first, the benchmark's ``with-ours-<option>`` row the second."""
 PAPER_CONTRAST_PIPELINE: Dict[str, object] = {"scales_drop_depth_outliers": False}
-"""pepe-contrast pipeline fields -> the paper's values."""
+"""pepe-contrast pipeline fields -> the paper's values, where our default differs."""
+PAPER_DEFAULT_CONTRAST_PIPELINE: Dict[str, Tuple[object, object]] = {}
+"""pepe-contrast pipeline fields whose default is the paper's value -> (the paper's value, our alternative)."""
 PAPER_GATE_LR = 0.0025
 """The paper's Adam learning rate, for the scale gate as for the features."""
+OUR_GATE_LR = 0.00025
+"""Our alternative scale-gate learning rate (10x below the features')."""
+DEFAULT_GATE_LR = OUR_GATE_LR
+"""The scale gate's learning rate pepe-contrast uses (one of the two above; ``--optimizers.scale-gate.optimizer.lr``)."""
 PAPER_RECON_MODEL: Dict[str, object] = {"depth_fit": "lstsq", "refine_split": "boundary", "refine_max_growth": math.inf}
-"""pepe-recon model fields -> the paper's values."""
+"""pepe-recon model fields -> the paper's values, where our default differs."""
+PAPER_DEFAULT_RECON_MODEL: Dict[str, Tuple[object, object]] = {}
+"""pepe-recon model fields whose default is the paper's value -> (the paper's value, our alternative)."""
 
 
 def apply_paper_settings(config) -> List[str]:
@@ -84,8 +92,10 @@ def apply_paper_settings(config) -> List[str]:
         targets += [(model, k, v) for k, v in PAPER_CONTRAST_MODEL.items()]
         targets += [(model, k, paper) for k, (paper, _) in PAPER_DEFAULT_CONTRAST_MODEL.items()]
         targets += [(config.pipeline, k, v) for k, v in PAPER_CONTRAST_PIPELINE.items()]
+        targets += [(config.pipeline, k, paper) for k, (paper, _) in PAPER_DEFAULT_CONTRAST_PIPELINE.items()]
     elif hasattr(model, "refine_split"):  # pepe-recon
         targets += [(model, k, v) for k, v in PAPER_RECON_MODEL.items()]
+        targets += [(model, k, paper) for k, (paper, _) in PAPER_DEFAULT_RECON_MODEL.items()]
     changes = []
     for obj, key, value in targets:
         if getattr(obj, key) != value:

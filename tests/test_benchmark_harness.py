@@ -222,14 +222,44 @@ def test_one_row_per_departure_from_the_paper():
         if lr == PAPER_GATE_LR:
             covered.add("gate_lr")
         covered |= model | pipe | recon
-    assert covered == set(PAPER_CONTRAST_MODEL) | set(PAPER_CONTRAST_PIPELINE) | set(PAPER_RECON_MODEL) | {"gate_lr"}
-    assert all(ROWS[r].geometry in RECON for r in ROWS)
-    # options at the paper's value by default: one with-ours-... row each, setting exactly our alternative
-    from pepeseg3d_ns.paper import PAPER_DEFAULT_CONTRAST_MODEL
+    from pepeseg3d_ns.paper import DEFAULT_GATE_LR
 
+    gate = {"gate_lr"} if DEFAULT_GATE_LR != PAPER_GATE_LR else set()
+    assert covered == set(PAPER_CONTRAST_MODEL) | set(PAPER_CONTRAST_PIPELINE) | set(PAPER_RECON_MODEL) | gate
+    assert all(ROWS[r].geometry in RECON for r in ROWS)
+    # options at the paper's value by default: one with-ours-... row each (a group: one row), setting exactly our
+    # alternative and nothing else
+    from pepeseg3d_ns.eval.benchmark import PAPER_OPTION_GROUPS
+    from pepeseg3d_ns.paper import (OUR_GATE_LR, PAPER_DEFAULT_CONTRAST_MODEL,
+                                    PAPER_DEFAULT_CONTRAST_PIPELINE, PAPER_DEFAULT_RECON_MODEL)
+
+    group_of = {f: name for name, fields in PAPER_OPTION_GROUPS.items() for f in fields}
+    ours_rows = {r for r in ROWS if r.startswith("with-ours-")}
+    seen = set()
     for f, (paper, v) in PAPER_DEFAULT_CONTRAST_MODEL.items():
         assert getattr(pepe_contrast.config.pipeline.model, f) == paper != v, f
+        name = group_of.get(f, f)
+        row_id = "with-ours-" + name.replace("_", "-")
         cc = copy.deepcopy(pepe_contrast.config)
-        apply_row(cc, ROWS["with-ours-" + f.replace("_", "-")], f)
-        assert changed(pepe_contrast.config.pipeline.model, cc.pipeline.model) == {f}
+        apply_row(cc, ROWS[row_id], f)
+        fields = set(PAPER_OPTION_GROUPS.get(name, (f,)))
+        assert changed(pepe_contrast.config.pipeline.model, cc.pipeline.model) == fields, row_id
         assert getattr(cc.pipeline.model, f) == v
+        seen.add(row_id)
+    for f, (paper, v) in PAPER_DEFAULT_CONTRAST_PIPELINE.items():
+        assert getattr(pepe_contrast.config.pipeline, f) == paper != v, f
+        cc = copy.deepcopy(pepe_contrast.config)
+        row_id = "with-ours-" + f.replace("_", "-")
+        apply_row(cc, ROWS[row_id], f)
+        assert changed(pepe_contrast.config.pipeline, cc.pipeline) - {"model"} == {f} and getattr(cc.pipeline, f) == v
+        seen.add(row_id)
+    for f, (paper, v) in PAPER_DEFAULT_RECON_MODEL.items():
+        assert getattr(pepe_recon.config.pipeline.model, f) == paper != v, f
+        row_id = "with-ours-" + f.replace("_", "-")
+        assert RECON[ROWS[row_id].geometry] == {f: v}
+        seen.add(row_id)
+    assert pepe_contrast.config.optimizers["scale_gate"]["optimizer"].lr == DEFAULT_GATE_LR
+    if DEFAULT_GATE_LR == PAPER_GATE_LR:
+        assert ROWS["with-ours-gate-lr"].gate_lr == OUR_GATE_LR != PAPER_GATE_LR
+        seen.add("with-ours-gate-lr")
+    assert ours_rows == seen

@@ -87,21 +87,31 @@ def test_paper_exact_sets_every_listed_setting_and_only_when_asked():
     for k, v in PAPER_CONTRAST_PIPELINE.items():
         assert getattr(cfg.pipeline, k) == v, k
     assert cfg.optimizers["scale_gate"]["optimizer"].lr == PAPER_GATE_LR
-    assert len(changes) == sum(defaults[k] != v for k, v in PAPER_CONTRAST_MODEL.items()) + 2
+    from pepeseg3d_ns.paper import DEFAULT_GATE_LR
+
+    assert len(changes) == (sum(defaults[k] != v for k, v in PAPER_CONTRAST_MODEL.items()) + len(PAPER_CONTRAST_PIPELINE)
+                            + (DEFAULT_GATE_LR != PAPER_GATE_LR))
     assert apply_paper_settings(cfg) == []  # idempotent (a resumed run)
     # an option whose default is the paper's value, changed by the run, is put back too
     from pepeseg3d_ns.paper import PAPER_DEFAULT_CONTRAST_MODEL
 
+    from pepeseg3d_ns.paper import PAPER_DEFAULT_CONTRAST_PIPELINE, PAPER_DEFAULT_RECON_MODEL
+
     for k, (_, ours) in PAPER_DEFAULT_CONTRAST_MODEL.items():
         setattr(cfg.pipeline.model, k, ours)
-    assert sorted(apply_paper_settings(cfg)) == sorted(f"{k}={p}" for k, (p, _) in PAPER_DEFAULT_CONTRAST_MODEL.items())
+    for k, (_, ours) in PAPER_DEFAULT_CONTRAST_PIPELINE.items():
+        setattr(cfg.pipeline, k, ours)
+    expected = {**PAPER_DEFAULT_CONTRAST_MODEL, **PAPER_DEFAULT_CONTRAST_PIPELINE}
+    assert sorted(apply_paper_settings(cfg)) == sorted(f"{k}={p}" for k, (p, _) in expected.items())
 
     from pepeseg3d_ns.methods import pepe_recon
 
     rc = copy.deepcopy(pepe_recon.config)
     rc.pipeline.model.paper_exact = True
+    for k, (_, ours) in PAPER_DEFAULT_RECON_MODEL.items():
+        setattr(rc.pipeline.model, k, ours)
     apply_paper_settings(rc)
-    for k, v in PAPER_RECON_MODEL.items():
+    for k, v in {**PAPER_RECON_MODEL, **{k: p for k, (p, _) in PAPER_DEFAULT_RECON_MODEL.items()}}.items():
         assert getattr(rc.pipeline.model, k) == v, k
 
 

@@ -94,8 +94,7 @@ def _paper_option_rows() -> Dict[str, RowSpec]:
     setting back at the paper's value; id ``with-paper-<option>``. A recon departure adds its geometry to
     :data:`RECON` (``pepe-with-paper-<option>``). An option whose default is the paper's value gets a row with our
     alternative instead (``with-ours-<option>``)."""
-    from pepeseg3d_ns.paper import (PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_DEFAULT_CONTRAST_MODEL,
-                                    PAPER_GATE_LR, PAPER_RECON_MODEL)
+    from pepeseg3d_ns import paper as P
 
     def rid(name: str, prefix: str = "with-paper-") -> str:
         return prefix + name.replace("_", "-")
@@ -103,20 +102,33 @@ def _paper_option_rows() -> Dict[str, RowSpec]:
     rows: Dict[str, RowSpec] = {}
     grouped = {f for fields in PAPER_OPTION_GROUPS.values() for f in fields}
     for name, fields in PAPER_OPTION_GROUPS.items():
-        rows[rid(name)] = RowSpec(f"ours, paper's {' + '.join(fields)}", "pepe",
-                                  {f: PAPER_CONTRAST_MODEL[f] for f in fields})
-    for f, v in PAPER_CONTRAST_MODEL.items():
+        if all(f in P.PAPER_CONTRAST_MODEL for f in fields):
+            rows[rid(name)] = RowSpec(f"ours, paper's {' + '.join(fields)}", "pepe",
+                                      {f: P.PAPER_CONTRAST_MODEL[f] for f in fields})
+        else:  # the whole group's default is the paper's value
+            rows[rid(name, "with-ours-")] = RowSpec(f"ours, our {' + '.join(fields)}", "pepe",
+                                                    {f: P.PAPER_DEFAULT_CONTRAST_MODEL[f][1] for f in fields})
+    for f, v in P.PAPER_CONTRAST_MODEL.items():
         if f not in grouped:
             rows[rid(f)] = RowSpec(f"ours, paper's {f}", "pepe", {f: v})
-    for f, v in PAPER_CONTRAST_PIPELINE.items():
+    for f, (_, v) in P.PAPER_DEFAULT_CONTRAST_MODEL.items():
+        if f not in grouped:
+            rows[rid(f, "with-ours-")] = RowSpec(f"ours, {f} {v}", "pepe", {f: v})
+    for f, v in P.PAPER_CONTRAST_PIPELINE.items():
         rows[rid(f)] = RowSpec(f"ours, paper's {f}", "pepe", pipeline={f: v})
-    rows[rid("gate_lr")] = RowSpec("ours, paper's scale-gate lr", "pepe", gate_lr=PAPER_GATE_LR)
-    for f, v in PAPER_RECON_MODEL.items():
-        geometry = "pepe-" + rid(f)  # a folder name: recon_<geometry>_seed<k>
+    for f, (_, v) in P.PAPER_DEFAULT_CONTRAST_PIPELINE.items():
+        rows[rid(f, "with-ours-")] = RowSpec(f"ours, {f} {v}", "pepe", pipeline={f: v})
+    if P.DEFAULT_GATE_LR == P.PAPER_GATE_LR:
+        rows[rid("gate_lr", "with-ours-")] = RowSpec(f"ours, scale-gate lr {P.OUR_GATE_LR}", "pepe",
+                                                      gate_lr=P.OUR_GATE_LR)
+    else:
+        rows[rid("gate_lr")] = RowSpec("ours, paper's scale-gate lr", "pepe", gate_lr=P.PAPER_GATE_LR)
+    recon = [(f, v, "with-paper-", f"ours, paper's {f}") for f, v in P.PAPER_RECON_MODEL.items()]
+    recon += [(f, v, "with-ours-", f"ours, {f} {v}") for f, (_, v) in P.PAPER_DEFAULT_RECON_MODEL.items()]
+    for f, v, prefix, label in recon:
+        geometry = "pepe-" + rid(f, prefix)  # a folder name: recon_<geometry>_seed<k>
         RECON[geometry] = {f: v}
-        rows[rid(f)] = RowSpec(f"ours, paper's {f}", geometry)
-    for f, (_, v) in PAPER_DEFAULT_CONTRAST_MODEL.items():
-        rows[rid(f, "with-ours-")] = RowSpec(f"ours, {f} {v}", "pepe", {f: v})
+        rows[rid(f, prefix)] = RowSpec(label, geometry)
     return rows
 
 
