@@ -209,10 +209,11 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     """Views clustered together per refresh: pixels of the views rendered at the last this-many steps up to it."""
     centroid_worker: Literal["process", "inline"] = "process"
     """Where a refresh's HDBSCAN runs: "process" (a background process) or "inline" (in the step); same numbers."""
-    centroid_max_size: int = 256
-    """At most this many centroids per set; when full, a new one replaces the least recently matched (0 = no bound)."""
-    centroid_stale_after: int = 10
-    """A centroid that no candidate has matched in this many refreshes is dropped (0 = never)."""
+    centroid_max_size: int = 0
+    """At most this many centroids per set; when full, a new one replaces the least recently matched (0 = no bound,
+    the paper's)."""
+    centroid_stale_after: int = 0
+    """A centroid that no candidate has matched in this many refreshes is dropped (0 = never, the paper's)."""
     centroid_delta: float = 0.9
     """[delta] a candidate centroid merges (EMA) into an existing one above this cosine, else it is added."""
     centroid_tau: float = 0.9
