@@ -15,7 +15,6 @@ pepe-contrast (paper section 2.2, eqs. 3-8):
 | ``gate_warmup`` | 3000 of 10k | 0 |
 | scale-gate learning rate | 0.00025 | 0.0025 |
 | ``scale_power`` (``s = q ** p``) | 0.5 | 1 (``s = q``) |
-| ``centroid_lag`` | 100 of 10k (background clustering) | 0 |
 | pipeline ``scales_drop_depth_outliers`` | True | False |
 
 pepe-recon (section 2.1):
@@ -34,6 +33,7 @@ better, docs/benchmarks.md); ``paper-exact`` still sets them, in case a run chan
 | ``lm_normalisation`` | ``mean`` (eq. 8) | ``weight`` (divided by the summed pair weight) |
 | ``lc_normalisation`` | ``all`` (eq. 5) | ``confident`` (mean over pulled pixels) |
 | ``pixel_region`` | ``image`` (Lm on mask pixels only) | ``covered`` (every term on mask pixels) |
+| ``centroid_lag`` | 0 (cluster and merge in one step) | 100 of 10k, scaled (clustering in the background) |
 | ``centroid_max_size`` / ``centroid_stale_after`` | 0 / 0 (unbounded sets, never dropped) | 256 / 10 |
 
 Not switched, because the paper does not give a value: ``hard_pair_fraction`` (the paper over-samples hard pairs
@@ -52,13 +52,13 @@ PAPER_CONTRAST_MODEL: Dict[str, object] = {
     "gate_init": "hinge",
     "gate_warmup": 0,
     "scale_power": 1.0,
-    "centroid_lag": 0,
 }
 """pepe-contrast model fields -> the paper's values, where our default differs."""
 PAPER_DEFAULT_CONTRAST_MODEL: Dict[str, Tuple[object, object]] = {
     "lm_normalisation": ("mean", "weight"),
     "lc_normalisation": ("all", "confident"),
     "pixel_region": ("image", "covered"),
+    "centroid_lag": (0, 100),
     "centroid_max_size": (0, 256),
     "centroid_stale_after": (0, 10),
 }

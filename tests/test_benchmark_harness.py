@@ -263,3 +263,28 @@ def test_one_row_per_departure_from_the_paper():
         assert ROWS["with-ours-gate-lr"].gate_lr == OUR_GATE_LR != PAPER_GATE_LR
         seen.add("with-ours-gate-lr")
     assert ours_rows == seen
+
+
+def test_step_valued_row_options_are_scaled_with_the_run():
+    """A row's gate warm-up or centroid lag is on the 10k-step reference schedule, scaled to the run like the
+    defaults: at 1000 steps our lag (100 of 10k) is 10 steps, the paper's warm-up 0 stays 0, and the default lag
+    (the paper's 0) is not turned into a scaled positive lag."""
+    import copy
+
+    from pepeseg3d_ns.eval.benchmark import ROWS, apply_row
+    from pepeseg3d_ns.methods import pepe_contrast
+    from pepeseg3d_ns.schedule import scale_schedule
+
+    def at_1000(row_id=None):
+        cc = copy.deepcopy(pepe_contrast.config)
+        cc.max_num_iterations = 1000
+        scale_schedule(cc)
+        if row_id is not None:
+            apply_row(cc, ROWS[row_id], row_id)
+        scale_schedule(cc)  # the trainer scales again before the run: a row's values must survive it
+        return cc.pipeline.model
+
+    plain = at_1000()
+    assert (plain.centroid_lag, plain.gate_warmup, plain.centroid_start, plain.centroid_every) == (0, 300, 700, 20)
+    assert at_1000("with-ours-centroid-lag").centroid_lag == 10
+    assert at_1000("with-paper-gate-warmup").gate_warmup == 0

@@ -227,7 +227,7 @@ def build_model(checkpoint: Path, device: str = "cpu", centroid_start: int = 100
             return out
 
     config_overrides.setdefault("gate_warmup", 0)  # a timed step includes the gate's backward
-    config_overrides.setdefault("centroid_lag", 10)  # the demo's scaled schedule (100 of 10k steps)
+    config_overrides.setdefault("centroid_lag", 10)  # our background lag, 100 of 10k scaled to a 1000-step run
     cfg = PepeContrastModelConfig(recon_checkpoint=Path(checkpoint), centroid_start=centroid_start,
                                   centroid_every=centroid_every, **config_overrides)
     cfg._target = _TimedKnnModel

@@ -202,9 +202,9 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     10k)."""
     centroid_every: int = 200
     """Refresh the centroid sets every this many steps (scaled with --max-num-iterations, reference 10k)."""
-    centroid_lag: int = 100
+    centroid_lag: int = 0
     """Steps from a refresh's clustering (started centroid_lag steps before each merge, run in the background) to the
-    merge of its centres into U and L; 0 = cluster and merge in the same step (scaled, reference 10k)."""
+    merge of its centres into U and L; 0 = cluster and merge in the same step, the paper's (scaled, reference 10k)."""
     centroid_views: int = 1
     """Views clustered together per refresh: pixels of the views rendered at the last this-many steps up to it."""
     centroid_worker: Literal["process", "inline"] = "process"
@@ -249,12 +249,14 @@ class PepeContrastModelConfig(PepeSplatfactoModelConfig):
     fields and the scale gate's learning rate."""
 
     def schedule_for(self, steps: int) -> Dict[str, int]:
-        """Step-valued fields for a run of ``steps`` iterations (paper: 10k steps, centroids from 7k every 200;
-        our gate warm-up: 3k)."""
+        """Step-valued fields for a run of ``steps`` iterations: this config's values read as a schedule of 10k
+        steps (the paper's: centroids from 7k every 200) and scaled by ``steps / 10000``. A lag of 0 stays 0; a
+        positive lag is at least 1 step and at most one refresh interval."""
         r = steps / 10000
-        every = max(10, round(200 * r))
-        return {"centroid_start": round(7000 * r), "centroid_every": every,
-                "centroid_lag": min(every, max(1, round(100 * r))), "gate_warmup": round(3000 * r)}
+        every = max(10, round(self.centroid_every * r))
+        lag = 0 if self.centroid_lag <= 0 else min(every, max(1, round(self.centroid_lag * r)))
+        return {"centroid_start": round(self.centroid_start * r), "centroid_every": every, "centroid_lag": lag,
+                "gate_warmup": round(self.gate_warmup * r)}
 
 
 class PepeContrastModel(PepeSplatfactoModel):

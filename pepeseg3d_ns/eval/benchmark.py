@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -137,8 +138,17 @@ ROWS.update(_paper_option_rows())
 
 def apply_row(contrast_config, spec: RowSpec, what: str) -> None:
     """Set a row's pepe-contrast overrides (model options, pipeline options, scale-gate lr) on a nerfstudio
-    ``TrainerConfig`` of pepe-contrast, in place."""
-    _apply(contrast_config.pipeline.model, spec.contrast, what)
+    ``TrainerConfig`` of pepe-contrast, in place. Step-valued model options (``gate_warmup``, ``centroid_lag``, ...)
+    are given on the 10k-step reference schedule and scaled to the config's ``max_num_iterations``."""
+    model = contrast_config.pipeline.model
+    _apply(model, spec.contrast, what)
+    steps = int(contrast_config.max_num_iterations)
+    scheduled = {k: v for k, v in spec.contrast.items() if k in model.schedule_for(steps)}
+    if scheduled:  # a step-valued option is given on the 10k-step reference schedule: scaled like the defaults
+        reference = dataclasses.replace(type(model)(), **scheduled)
+        for k, v in reference.schedule_for(steps).items():
+            if k in scheduled:
+                setattr(model, k, v)
     _apply(contrast_config.pipeline, spec.pipeline, what, prefix="--pipeline.")
     if spec.gate_lr is not None:
         contrast_config.optimizers["scale_gate"]["optimizer"].lr = spec.gate_lr
