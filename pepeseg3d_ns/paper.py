@@ -17,7 +17,7 @@ pepe-contrast (paper section 2.2, eqs. 3-8):
 | ``scale_power`` (``s = q ** p``) | 0.5 | 1 (``s = q``) |
 | pipeline ``scales_drop_depth_outliers`` | True | False |
 
-pepe-recon (section 2.1):
+pepe-recon (section 2.1; these three are not yet measured on the suite, docs/benchmarks.md):
 
 | option | ours | paper |
 |---|---|---|
