@@ -15,8 +15,8 @@ from pepeseg3d_ns.data.datamanager import PepeDatamanagerConfig
 from pepeseg3d_ns.data.dataparser import PepeDataParserConfig
 from pepeseg3d_ns.contrast.model import PepeContrastModelConfig
 from pepeseg3d_ns.contrast.pipeline import PepeContrastPipelineConfig
-from pepeseg3d_ns.recon.model import PepeReconModelConfig
 from pepeseg3d_ns.paper import DEFAULT_GATE_LR
+from pepeseg3d_ns.recon.model import PepeReconModelConfig
 from pepeseg3d_ns.schedulers import FloatExponentialDecaySchedulerConfig as ExponentialDecaySchedulerConfig
 from pepeseg3d_ns.trainer import PepeTrainerConfig, register_method_default
 
@@ -81,8 +81,9 @@ pepe_contrast = MethodSpecification(
         ),
         optimizers={
             "gauss_features": {"optimizer": AdamOptimizerConfig(lr=0.0025, eps=1e-15), "scheduler": None},
-            # paper.py: ours 10x below the features' (the paper: 0.0025 for both); at 0.0025 the gate re-shapes its bands
-            # within a few hundred steps, before the features carry the hierarchy (docs/contrast.md)
+            # paper.py's DEFAULT_GATE_LR: ours is 10x below the features' (the paper: 0.0025 for both); at 0.0025
+            # the gate re-shapes its bands within a few hundred steps, before the features carry the hierarchy
+            # (docs/contrast.md)
             "scale_gate": {"optimizer": AdamOptimizerConfig(lr=DEFAULT_GATE_LR, eps=1e-15), "scheduler": None},
         },
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),

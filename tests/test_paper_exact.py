@@ -11,8 +11,9 @@ import torch
 
 from pepeseg3d_ns.contrast import losses as L
 from pepeseg3d_ns.contrast import sampling as S
-from pepeseg3d_ns.paper import (PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE, PAPER_GATE_LR, PAPER_RECON_MODEL,
-                                apply_paper_settings)
+from pepeseg3d_ns.paper import (DEFAULT_GATE_LR, PAPER_CONTRAST_MODEL, PAPER_CONTRAST_PIPELINE,
+                                PAPER_DEFAULT_CONTRAST_MODEL, PAPER_DEFAULT_CONTRAST_PIPELINE, PAPER_DEFAULT_RECON_MODEL,
+                                PAPER_GATE_LR, PAPER_RECON_MODEL, apply_paper_settings)
 from pepeseg3d_ns.priors.pixel_masks import PixelMasks
 
 
@@ -87,16 +88,10 @@ def test_paper_exact_sets_every_listed_setting_and_only_when_asked():
     for k, v in PAPER_CONTRAST_PIPELINE.items():
         assert getattr(cfg.pipeline, k) == v, k
     assert cfg.optimizers["scale_gate"]["optimizer"].lr == PAPER_GATE_LR
-    from pepeseg3d_ns.paper import DEFAULT_GATE_LR
-
     assert len(changes) == (sum(defaults[k] != v for k, v in PAPER_CONTRAST_MODEL.items()) + len(PAPER_CONTRAST_PIPELINE)
                             + (DEFAULT_GATE_LR != PAPER_GATE_LR))
     assert apply_paper_settings(cfg) == []  # idempotent (a resumed run)
     # an option whose default is the paper's value, changed by the run, is put back too
-    from pepeseg3d_ns.paper import PAPER_DEFAULT_CONTRAST_MODEL
-
-    from pepeseg3d_ns.paper import PAPER_DEFAULT_CONTRAST_PIPELINE, PAPER_DEFAULT_RECON_MODEL
-
     for k, (_, ours) in PAPER_DEFAULT_CONTRAST_MODEL.items():
         setattr(cfg.pipeline.model, k, ours)
     for k, (_, ours) in PAPER_DEFAULT_CONTRAST_PIPELINE.items():

@@ -142,13 +142,10 @@ def apply_row(contrast_config, spec: RowSpec, what: str) -> None:
     are given on the 10k-step reference schedule and scaled to the config's ``max_num_iterations``."""
     model = contrast_config.pipeline.model
     _apply(model, spec.contrast, what)
-    steps = int(contrast_config.max_num_iterations)
-    scheduled = {k: v for k, v in spec.contrast.items() if k in model.schedule_for(steps)}
-    if scheduled:  # a step-valued option is given on the 10k-step reference schedule: scaled like the defaults
-        reference = dataclasses.replace(type(model)(), **scheduled)
-        for k, v in reference.schedule_for(steps).items():
-            if k in scheduled:
-                setattr(model, k, v)
+    # a step-valued option is given on the 10k-step reference schedule: scaled like the defaults
+    scaled = dataclasses.replace(type(model)(), **spec.contrast).schedule_for(int(contrast_config.max_num_iterations))
+    for k in spec.contrast.keys() & scaled.keys():
+        setattr(model, k, scaled[k])
     _apply(contrast_config.pipeline, spec.pipeline, what, prefix="--pipeline.")
     if spec.gate_lr is not None:
         contrast_config.optimizers["scale_gate"]["optimizer"].lr = spec.gate_lr
