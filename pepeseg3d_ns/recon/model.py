@@ -292,9 +292,9 @@ class PepeReconModelConfig(PepeSplatfactoModelConfig):
     refine_max_growth: float = 1.0
     """Refinement adds at most this fraction of the Gaussians present when it starts, spread evenly over its
     steps (inf = no cap, the paper's)."""
-    refine_split: Literal["symmetric", "boundary"] = "symmetric"
-    """How a boundary Gaussian splits along its longest axis: "symmetric" (two children keeping its mean and
-    covariance) or "boundary" (each child covers its side of the mask edge, shrunk and shifted; the paper's [4])."""
+    refine_split: Literal["symmetric", "boundary"] = "boundary"
+    """How a boundary Gaussian splits along its longest axis: "boundary" (each child covers its side of the mask
+    edge, shrunk and shifted; the paper's [4]) or "symmetric" (two children keeping its mean and covariance)."""
     paper_exact: bool = False
     """Train with every setting of the paper instead of ours (pepeseg3d_ns/paper.py lists them)."""
 
